@@ -1,0 +1,76 @@
+"""Build a flow model from TRELLIS's `{"name": ..., "args": {...}}` checkpoint config.
+
+`NAMED_CONFIGS` are the built-in sizes a config may name as `model.teacher`. Synthetic-corpus
+sizes use patch size 2 (512 tokens at resolution 16): DESIGN §4 measured patch size 1 at ~26×
+the cost per forward pass on a 2-core CPU. Their cond width (64) is the synthetic corpus's token
+width (mdt_ray.data.synthetic); TRELLIS sizes take DINOv2's 1024.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch.nn as nn
+
+_SS = "SparseStructureFlowModel"
+_SLAT = "SLatFlowModel"
+
+
+def _ss(width: int, blocks: int, heads: int, *, cond: int = 64, patch: int = 2, fp16: bool = False,
+        resolution: int = 16) -> dict[str, Any]:
+    return {
+        "name": _SS,
+        "args": {
+            "resolution": resolution, "in_channels": 8, "out_channels": 8,
+            "model_channels": width, "cond_channels": cond, "num_blocks": blocks,
+            "num_heads": heads, "mlp_ratio": 4, "patch_size": patch, "pe_mode": "ape",
+            "qk_rms_norm": True, "use_fp16": fp16,
+        },
+    }
+
+
+NAMED_CONFIGS: dict[str, dict[str, Any]] = {
+    "ss-tiny": _ss(64, 2, 4),  # tests
+    "ss-demo": _ss(128, 4, 4),  # CPU demo and CPU benchmark (DESIGN §4 sizing)
+    "ss-B": _ss(768, 12, 12, cond=1024, patch=1, fp16=True),
+    # TRELLIS-image-large stage 1 (ss_flow_img_dit_L_16l8_fp16): 555,543,560 parameters.
+    "ss-L": _ss(1024, 24, 16, cond=1024, patch=1, fp16=True),
+}
+
+
+def model_classes() -> dict[str, type[nn.Module]]:
+    from mdt_ray.models.ss_flow import SparseStructureFlowModel
+
+    classes: dict[str, type[nn.Module]] = {_SS: SparseStructureFlowModel}
+    try:
+        from mdt_ray.models.slat_flow import SLatFlowModel
+    except ImportError:  # stage 2 is optional until its module lands
+        pass
+    else:
+        classes[_SLAT] = SLatFlowModel
+        classes["ElasticSLatFlowModel"] = SLatFlowModel  # same parameters, TRELLIS adds only checkpointing
+    return classes
+
+
+def resolve_config(spec: str | dict[str, Any]) -> dict[str, Any]:
+    """A named size or an explicit `{"name", "args"}` dict, returned as a fresh dict."""
+    if isinstance(spec, str):
+        if spec not in NAMED_CONFIGS:
+            raise KeyError(f"unknown model name {spec!r}; known: {sorted(NAMED_CONFIGS)}")
+        return copy.deepcopy(NAMED_CONFIGS[spec])
+    if not isinstance(spec, dict) or "name" not in spec or "args" not in spec:
+        raise ValueError(f"a model config is {{'name': ..., 'args': {{...}}}}, got {spec!r}")
+    return copy.deepcopy(spec)
+
+
+def build_model(spec: str | dict[str, Any], **overrides: Any) -> nn.Module:
+    cfg = resolve_config(spec)
+    classes = model_classes()
+    if cfg["name"] not in classes:
+        raise ValueError(f"unknown model class {cfg['name']!r}; known: {sorted(classes)}")
+    args = {**cfg["args"], **overrides}
+    try:
+        return classes[cfg["name"]](**args)
+    except TypeError as e:
+        raise ValueError(f"bad arguments for {cfg['name']}: {e}") from None
