@@ -163,19 +163,25 @@ class MultiHeadAttention(nn.Module):
             self.k_rms_norm = MultiHeadRMSNorm(channels // num_heads, num_heads)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        b, n, _ = x.shape
+    def project(self, x: torch.Tensor, context: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v split into (…, heads, head_dim), QK-normed. Any leading shape: the sparse model
+        projects its packed voxels (N, C) and pads only for the attention kernel itself."""
         if self._type == "self":
-            q, k, v = self.to_qkv(x).reshape(b, n, 3, self.num_heads, -1).unbind(dim=2)
+            q, k, v = self.to_qkv(x).unflatten(-1, (3, self.num_heads, -1)).unbind(dim=-3)
         else:
             if context is None:
                 raise ValueError("cross-attention needs a context")
-            q = self.to_q(x).reshape(b, n, self.num_heads, -1)
-            k, v = self.to_kv(context).reshape(b, context.shape[1], 2, self.num_heads, -1).unbind(dim=2)
+            q = self.to_q(x).unflatten(-1, (self.num_heads, -1))
+            k, v = self.to_kv(context).unflatten(-1, (2, self.num_heads, -1)).unbind(dim=-3)
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
-        return self.to_out(attention(q, k, v, mask).reshape(b, n, -1))
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        q, k, v = self.project(x, context)
+        return self.to_out(attention(q, k, v, mask).flatten(-2))
 
 
 class FeedForwardNet(nn.Module):
@@ -235,6 +241,12 @@ def convert_to_fp16(model: nn.Module, extra_types: tuple[type[nn.Module], ...] =
     """TRELLIS's mixed precision: only Linear/Conv (plus `extra_types`, e.g. a sparse conv) inside
     the transformer containers become fp16. Norm affines, RMS gammas, the t-MLP, the input/output
     layers and buffers stay fp32, which is also the dtype layout of the released checkpoints."""
+    return convert_torso(model, torch.float16, extra_types)
+
+
+def convert_torso(model: nn.Module, dtype: torch.dtype, extra_types: tuple[type[nn.Module], ...] = ()) -> nn.Module:
+    """The same layout with another torso dtype: a frozen teacher runs its blocks in bf16 on GPU
+    while its embedders, norms and head stay fp32."""
     types = FP16_MODULE_TYPES + tuple(extra_types)
     for name in FP16_CONTAINERS:
         container = getattr(model, name, None)
@@ -242,5 +254,5 @@ def convert_to_fp16(model: nn.Module, extra_types: tuple[type[nn.Module], ...] =
             continue
         for m in container.modules():
             if isinstance(m, types):
-                m.to(torch.float16)
+                m.to(dtype)
     return model

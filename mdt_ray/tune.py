@@ -1,0 +1,362 @@
+"""Sweeps: Ray Tune over any config keys (λ, Δt, CFG scales, lr, ...), ASHA early stopping.
+
+Ray 2.60 runs Ray Train V2, where `Tuner(TorchTrainer(...))` is no longer supported. The pattern
+used here is the recommended one: a Tune *function trainable* per trial that builds and fits a
+`TorchTrainer`, whose reports reach Tune through `TuneReportCallback`. Each trial is a full
+distillation run with its own workers, its own MLflow child run under the sweep's parent run,
+and its checkpoints under the sweep's storage path.
+
+Sweep file (jobs/configs/sweep.yaml):
+
+    base: demo.yaml                # job config the trials start from (relative to this file)
+    overrides: {train.steps: 40}   # applied to every trial
+    sweep:
+      name: mdt-sweep
+      storage_path: runs/sweeps
+      metric: eval_fd_1step        # reported by the in-training eval
+      mode: min
+      search: grid                 # grid | random | optuna
+      num_samples: 1               # grid: repeats of the grid; random/optuna: trials
+      max_concurrent_trials: auto  # or a number
+      scheduler: {type: asha, grace_period: 20, reduction_factor: 2}
+      space:
+        distill.lambda_vd: {grid: [0.5, 1.0]}
+        distill.dt: {choice: [0.01, 0.05]}
+        train.lr: {loguniform: [1.0e-5, 1.0e-3]}
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mdt_ray.config import Config, ConfigError, apply_overrides, from_dict
+
+# ---------------------------------------------------------------------------------------------
+# Sweep configuration
+
+
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Domain(_Block):
+    grid: Optional[list[Any]] = None
+    choice: Optional[list[Any]] = None
+    uniform: Optional[tuple[float, float]] = None
+    loguniform: Optional[tuple[float, float]] = None
+    randint: Optional[tuple[int, int]] = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> "Domain":
+        given = [k for k in ("grid", "choice", "uniform", "loguniform", "randint") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform, randint (got {given or 'none'})")
+        for k in ("grid", "choice"):
+            if getattr(self, k) is not None and not getattr(self, k):
+                raise ValueError(f"{k} must list at least one value")
+        if self.loguniform is not None and min(self.loguniform) <= 0:
+            raise ValueError("loguniform bounds must be > 0")
+        return self
+
+    def candidates(self) -> list[Any]:
+        """Values to validate against the config: every listed value, or a range's ends."""
+        for k in ("grid", "choice"):
+            if getattr(self, k) is not None:
+                return list(getattr(self, k))
+        lo, hi = self.uniform or self.loguniform or self.randint
+        if lo >= hi:
+            raise ValueError(f"range [{lo}, {hi}] is empty")
+        return [lo, hi]
+
+
+class SchedulerSpec(_Block):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(10, gt=0)  # in training steps
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SweepSpec(_Block):
+    name: str = "mdt-sweep"
+    storage_path: str = "runs/sweeps"
+    metric: str = "eval_fd_1step"
+    mode: Literal["min", "max"] = "min"
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, gt=0)
+    max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    space: dict[str, Domain]
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _grid_only_for_grid(self) -> "SweepSpec":
+        if self.search != "grid" and any(d.grid is not None for d in self.space.values()):
+            raise ValueError("grid domains need search: grid (use choice for random/optuna)")
+        if not self.space:
+            raise ValueError("space is empty")
+        return self
+
+
+class SweepFile(_Block):
+    base: Optional[str] = None
+    overrides: dict[str, Any] = Field(default_factory=dict)
+    sweep: SweepSpec
+
+
+def _dotted_set(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
+    return apply_overrides(tree, [f"{key}={json.dumps(value)}"])
+
+
+def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None) -> tuple[Config, SweepSpec, dict]:
+    """Parse a sweep file; validate every value the search space can produce *before* any trial.
+
+    Returns (base config, sweep spec, base config tree). `overrides` (`--set`) apply to the base
+    config with dotted keys, or to the sweep block with a `sweep.` prefix.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep file not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    sweep_over = [o for o in (overrides or []) if o.startswith("sweep.")]
+    cfg_over = [o for o in (overrides or []) if not o.startswith("sweep.")]
+    if sweep_over:
+        raw = apply_overrides(raw, sweep_over)
+    try:
+        spec_file = SweepFile.model_validate(raw)
+    except ValidationError as e:
+        from mdt_ray.config import _format_errors
+
+        raise ConfigError(_format_errors(e, str(p))) from None
+    tree: dict[str, Any] = {}
+    if spec_file.base:
+        base_path = (p.parent / spec_file.base) if not Path(spec_file.base).is_absolute() else Path(spec_file.base)
+        if not base_path.is_file():
+            raise ConfigError(f"{p}: base config not found: {base_path}")
+        tree = yaml.safe_load(base_path.read_text()) or {}
+    for key, value in spec_file.overrides.items():
+        tree = _dotted_set(tree, key, value)
+    if cfg_over:
+        tree = apply_overrides(tree, cfg_over)
+    base = from_dict(tree, f"{p} (base)")
+    flat = base.flat()
+    for key, domain in spec_file.sweep.space.items():
+        if key not in flat:
+            raise ConfigError(f"{p}: sweep.space.{key}: not a config key")
+        for value in domain.candidates():
+            try:
+                from_dict(_dotted_set(tree, key, value), f"{p}")
+            except ConfigError as e:
+                raise ConfigError(f"sweep.space.{key}: value {value!r} is invalid:\n{e}") from None
+    spec = spec_file.sweep
+    return base, spec, tree
+
+
+# ---------------------------------------------------------------------------------------------
+# Tune wiring
+
+
+def _tune_space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    out = {}
+    for key, d in spec.space.items():
+        if d.grid is not None:
+            out[key] = tune.grid_search(d.grid)
+        elif d.choice is not None:
+            out[key] = tune.choice(d.choice)
+        elif d.uniform is not None:
+            out[key] = tune.uniform(*d.uniform)
+        elif d.loguniform is not None:
+            out[key] = tune.loguniform(*d.loguniform)
+        else:
+            out[key] = tune.randint(*d.randint)
+    return out
+
+
+def fit_concurrency(cfg: Config, spec: SweepSpec) -> int:
+    """Trials that fit the cluster at once: each takes its workers' CPUs/GPUs plus one CPU of
+    headroom for its Ray Data read tasks (on 2 cores, Ray 2.60 hangs without it)."""
+    import ray
+
+    if spec.max_concurrent_trials != "auto":
+        return int(spec.max_concurrent_trials)
+    res = ray.cluster_resources()
+    s = cfg.scale
+    by_cpu = math.floor(res.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + 1.0))
+    limits = [by_cpu]
+    if s.use_gpu:
+        limits.append(math.floor(res.get("GPU", 0) / (s.num_workers * s.gpus_per_worker)))
+    return max(1, min(limits))
+
+
+def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optional[str],
+           tracking_uri: Optional[str], experiment: str, sweep_name: str, storage_path: str) -> None:
+    """One trial: a full distillation run reported to Tune through TuneReportCallback."""
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from mdt_ray import tracking
+    from mdt_ray.train.trainer import build_trainer, load_eval_data
+
+    trial_tree = copy.deepcopy(tree)
+    for key, value in params.items():
+        trial_tree = _dotted_set(trial_tree, key, value)
+    trial_name = tune.get_context().get_trial_name()
+    trial_tree = _dotted_set(trial_tree, "run.name", trial_name)
+    trial_tree = _dotted_set(trial_tree, "run.storage_path", storage_path.rstrip("/") + f"/{sweep_name}-trials")
+    cfg = from_dict(trial_tree, f"trial {trial_name}")
+    if cfg.train.eval_every == 0:
+        # ASHA compares trials at every report: have the eval metric in each one.
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": cfg.train.log_every})})
+    run_id = None
+    if tracking_uri:
+        run_id = tracking.start_run(tracking_uri, experiment, trial_name, {**cfg.flat(), **{"trial": trial_name}},
+                                    parent_run_id=parent_run_id, tags={"mdt_ray.sweep": sweep_name})
+    eval_data = load_eval_data(cfg)
+    trainer = build_trainer(cfg, mlflow_run_id=run_id, tracking_uri=tracking_uri,
+                            callbacks=[TuneReportCallback()],
+                            eval_data=ray.put(eval_data) if eval_data is not None else None)
+    try:
+        trainer.fit()
+    except Exception:
+        if run_id:
+            tracking.end_run(tracking_uri, run_id, "FAILED")
+        raise
+    if run_id:
+        tracking.end_run(tracking_uri, run_id, "FINISHED")
+
+
+def _close_stopped_children(uri: str, parent_run_id: str) -> None:
+    """Trials stopped early by ASHA are killed mid-run: close their MLflow runs as KILLED."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp_id = client.get_run(parent_run_id).info.experiment_id
+    for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, "KILLED")
+
+
+def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
+    """Run the sweep; returns {"best": {...}, "trials": [...], "parent_run_id": ...}."""
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from mdt_ray import tracking
+    from mdt_ray.data.storage import is_s3, pyarrow_fs
+    from mdt_ray.train.trainer import ensure_ray
+
+    ensure_ray()
+    storage_path, storage_fs = spec.storage_path, None
+    if is_s3(storage_path):
+        storage_fs, storage_path = pyarrow_fs(storage_path, cfg.data.storage_endpoint, cfg.data.storage_region)
+    else:
+        storage_path = str(Path(storage_path).expanduser().resolve())
+
+    uri = tracking.resolve_uri(cfg.tracking.resolved_uri()) if cfg.tracking.enabled else None
+    parent = None
+    if uri:
+        parent = tracking.start_run(uri, cfg.tracking.experiment, spec.name,
+                                    {"sweep.space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in spec.space.items()}),
+                                     "sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.search": spec.search,
+                                     **cfg.flat()},
+                                    tags={"mdt_ray.sweep": spec.name})
+
+    trial_storage = spec.storage_path if is_s3(spec.storage_path) else storage_path
+    trainable = tune.with_parameters(
+        _trial, tree=tree, parent_run_id=parent, tracking_uri=uri, experiment=cfg.tracking.experiment,
+        sweep_name=spec.name, storage_path=trial_storage,
+    )
+    # The trial function only drives a TorchTrainer; its workers hold the real resources.
+    # Ray 2.60 rejects {"cpu": 0}, so the driver actor takes a sliver.
+    trainable = tune.with_resources(trainable, {"cpu": 0.01})
+
+    scheduler = None
+    if spec.scheduler.type == "asha":
+        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps + 1, grace_period=spec.scheduler.grace_period,
+                                  reduction_factor=spec.scheduler.reduction_factor)
+    search_alg = None
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        search_alg = OptunaSearch(seed=spec.seed)
+    elif spec.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        search_alg = BasicVariantGenerator(random_state=spec.seed)
+
+    concurrency = fit_concurrency(cfg, spec)
+    tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
+                                  num_samples=spec.num_samples, max_concurrent_trials=concurrency)
+    run_config = tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs)
+    exp_path = f"{storage_path.rstrip('/')}/{spec.name}"
+    print(f"[mdt-ray] sweep {spec.name}: {spec.search} search over {sorted(spec.space)}, "
+          f"metric {spec.metric} ({spec.mode}), {concurrency} trial(s) at a time -> {exp_path}", flush=True)
+    if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
+        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=storage_fs)
+    else:
+        tuner = tune.Tuner(trainable, param_space=_tune_space(spec), tune_config=tune_config, run_config=run_config)
+    results = tuner.fit()
+
+    trials = []
+    for r in results:
+        m = r.metrics or {}
+        trials.append({
+            "trial": m.get("trial_id", r.path.rsplit("/", 1)[-1] if r.path else "?"),
+            "params": {k: (r.config or {}).get(k) for k in spec.space},
+            "metric": m.get(spec.metric),
+            "step": m.get("step"),
+            "status": "ERROR" if r.error else ("STOPPED" if m.get("step", 0) < cfg.train.steps else "DONE"),
+            "checkpoint": m.get("checkpoint_path"),
+        })
+    ok = [t for t in trials if t["metric"] is not None and t["status"] != "ERROR"]
+    best = None
+    if ok:
+        best = (min if spec.mode == "min" else max)(ok, key=lambda t: t["metric"])
+    table = format_table(trials, spec)
+    print(table, flush=True)
+    if best:
+        print(f"[mdt-ray] best trial {best['trial']}: {spec.metric}={best['metric']:.4g} params {best['params']}\n"
+              f"[mdt-ray] best checkpoint: {best['checkpoint']}", flush=True)
+    if uri and parent:
+        logger = tracking.RunLogger(uri, parent)
+        logger.log_text(table, "trials.txt")
+        logger.log_text(json.dumps(trials, indent=1, default=str), "trials.json")
+        if best:
+            logger.log_metrics({f"best_{spec.metric}": best["metric"]}, step=0)
+            logger.log_text(json.dumps(best, indent=1, default=str), "best_trial.json")
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            client.set_tag(parent, "best_trial", best["trial"])
+            client.set_tag(parent, "best_checkpoint", str(best["checkpoint"]))
+            for k, v in best["params"].items():
+                client.set_tag(parent, f"best.{k}", str(v))
+        _close_stopped_children(uri, parent)
+        tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
+    return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
+
+
+def format_table(trials: list[dict[str, Any]], spec: SweepSpec) -> str:
+    keys = list(spec.space)
+    head = ["trial", *keys, spec.metric, "step", "status"]
+    rows = [[t["trial"], *[_fmt(t["params"].get(k)) for k in keys], _fmt(t["metric"]), _fmt(t["step"]), t["status"]]
+            for t in trials]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    line = lambda r: "  ".join(str(x).ljust(w) for x, w in zip(r, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths]), *(line(r) for r in rows)])
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "-" if v is None else str(v)

@@ -1,0 +1,39 @@
+"""`mdt-ray sweep` / `python jobs/sweep.py`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mdt_ray.config import ConfigError, add_config_args
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_args(parser)
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    parser.add_argument("--json", help="write the trial table and the best trial here")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mdt_ray.tune import load_sweep, run_sweep
+
+    if not args.config:
+        print("error: --config SWEEP.yaml is required (see jobs/configs/sweep.yaml)", file=sys.stderr)
+        return 2
+    try:
+        cfg, spec, tree = load_sweep(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = run_sweep(cfg, spec, tree, resume=args.resume)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({k: v for k, v in out.items() if k != "table"}, f, indent=1, default=str)
+    return 0 if out["best"] else 1
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="sweep", description="Ray Tune sweep of MDT-dist distillation runs")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
