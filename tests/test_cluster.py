@@ -1,0 +1,369 @@
+"""The cluster files in cluster/: Ray accepts them, and they fit the job configs.
+
+- cluster/aws.yaml goes through Ray's own launcher validation (`prepare_config` +
+  `validate_config`, which check it against Ray's ray-schema.json), as `ray up` does.
+- The KubeRay manifests parse, have the fields KubeRay needs, and Ray's KubeRay autoscaler can
+  read their RayCluster spec (`_derive_autoscaling_config_from_ray_cr`).
+- Every jobs/configs/trellis_*.yaml agrees with every cluster definition, in the sense written in
+  cluster/README.md ("What agree means") and implemented by cluster/check.py; the negative tests
+  change one side in memory and expect the check to say what broke.
+
+No cluster, cloud account or network is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from mdt_ray.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _module(name: str, path: Path):
+    # cluster/ is a folder of files for users, not a package; load its two scripts by path.
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+check = _module("mdt_cluster_check", REPO / "cluster" / "check.py")
+fetch_models = _module("mdt_cluster_fetch_models", REPO / "cluster" / "fetch_models.py")
+
+TRELLIS_CONFIGS = check.trellis_configs()
+SS_LARGE = REPO / "jobs" / "configs" / "trellis_ss_large.yaml"
+CREDENTIALS_SECRET = "mdt-ray-credentials"
+
+
+@pytest.fixture(scope="module")
+def pin():
+    return check.ray_pin()
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    return check.load_yaml(check.LAUNCHER_FILE)
+
+
+@pytest.fixture(scope="module")
+def raycluster():
+    return check.load_yaml(check.RAYCLUSTER_FILE)
+
+
+@pytest.fixture(scope="module")
+def rayjob():
+    return check.load_yaml(check.RAYJOB_FILE)
+
+
+def _cluster_spec(target, launcher, raycluster, rayjob):
+    return {"raycluster": raycluster["spec"], "rayjob": rayjob["spec"]["rayClusterSpec"]}[target]
+
+
+def _gpu_group(spec):
+    return next(g for g in spec["workerGroupSpecs"]
+                if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"])
+
+
+def _pod_specs(spec):
+    yield spec["headGroupSpec"]["template"]["spec"]
+    for group in spec["workerGroupSpecs"]:
+        yield group["template"]["spec"]
+
+
+def test_trellis_configs_exist_and_validate():
+    assert SS_LARGE in TRELLIS_CONFIGS
+    for path in TRELLIS_CONFIGS:
+        load_config(path)
+
+
+# --- Ray cluster launcher -----------------------------------------------------------------------
+
+
+def test_launcher_passes_ray_validation(launcher, pin):
+    check.prepare_launcher(launcher)  # raises if Ray's schema or cross-field rules reject it
+    assert check.launcher_problems(launcher, pin) == []
+
+
+@pytest.mark.parametrize(
+    "breakage",
+    [
+        lambda c: c["available_node_types"]["gpu-a100"].update(max_worker=2),  # typo'd key
+        lambda c: c["available_node_types"]["gpu-a100"]["resources"].update(GPU=7.5),  # not an int
+        lambda c: c.update(idle_timeout_minutes=-1),
+    ],
+)
+def test_ray_schema_rejects_broken_launcher_configs(launcher, breakage):
+    broken = copy.deepcopy(launcher)
+    breakage(broken)
+    with pytest.raises(jsonschema.ValidationError):
+        check.prepare_launcher(broken)
+    assert check.launcher_problems(broken)[0].startswith("Ray rejects the launcher config")
+
+
+def test_launcher_layout(launcher):
+    types = launcher["available_node_types"]
+    head = types[launcher["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    gpu_types = {n: t for n, t in types.items() if t["resources"].get("GPU")}
+    assert gpu_types and all(t["resources"]["GPU"] == 8 for t in gpu_types.values())
+    assert all(t["min_workers"] == 0 < t["max_workers"] for n, t in gpu_types.items()
+               if t["node_config"].get("InstanceMarketOptions") is None)
+    spot = [t for t in gpu_types.values()
+            if t["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot"]
+    assert spot, "a spot GPU node type"
+    assert any(not t["resources"].get("GPU") and t.get("max_workers", 0) > 0
+               for n, t in types.items() if n != launcher["head_node_type"])
+    assert launcher["idle_timeout_minutes"] > 0
+    for name, node_type in types.items():
+        assert "IamInstanceProfile" in node_type["node_config"], name  # S3 without keys
+    assert launcher["docker"]["image"]
+    assert launcher["setup_commands"] == [] and launcher["worker_setup_commands"] == []
+    # Token authentication: the token folder is shipped and every `ray start` turns token mode on.
+    assert any(local.startswith("~/.ray/") for local in launcher["file_mounts"].values())
+    starts = launcher["head_start_ray_commands"] + launcher["worker_start_ray_commands"]
+    assert all("RAY_AUTH_MODE=token" in c for c in starts if "ray start" in c)
+
+
+def test_launcher_resources_match_the_hardware(launcher):
+    # The declared resources are what the autoscaler plans with; they must be what Ray detects.
+    lying = copy.deepcopy(launcher)
+    lying["available_node_types"]["gpu-a100"]["resources"]["GPU"] = 4
+    lying["available_node_types"]["gpu-h100"]["resources"]["accelerator_type:A100"] = 1
+    del lying["available_node_types"]["gpu-h100"]["resources"]["accelerator_type:H100"]
+    problems = check.launcher_problems(lying)
+    assert any("gpu-a100: declares 4 GPUs, p4d.24xlarge has 8" in p for p in problems)
+    assert any("gpu-h100: declares accelerator_type:A100, but Ray detects H100" in p for p in problems)
+
+    busy_head = copy.deepcopy(launcher)
+    busy_head["available_node_types"]["head"]["resources"] = {"CPU": 16}
+    assert any("head node type" in p for p in check.launcher_problems(busy_head))
+
+
+# --- KubeRay ------------------------------------------------------------------------------------
+
+
+def test_kuberay_manifests_parse(raycluster, rayjob, pin):
+    assert (raycluster["apiVersion"], raycluster["kind"]) == ("ray.io/v1", "RayCluster")
+    assert (rayjob["apiVersion"], rayjob["kind"]) == ("ray.io/v1", "RayJob")
+    assert raycluster["metadata"]["name"] and rayjob["metadata"]["name"]
+    for spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        assert spec["enableInTreeAutoscaling"] is True
+        assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+        assert spec["authOptions"]["mode"] == "token"
+        for pod in _pod_specs(spec):
+            assert pod["containers"][0]["image"]
+        for group in spec["workerGroupSpecs"]:
+            assert {"groupName", "minReplicas", "maxReplicas", "rayStartParams", "template"} <= set(group)
+        gpu = _gpu_group(spec)
+        limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == "8"
+        assert gpu["minReplicas"] == 0 < gpu["maxReplicas"]
+        assert gpu["template"]["spec"]["nodeSelector"][check.GPU_PRODUCT_LABEL].startswith("NVIDIA-A800")
+        assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
+        assert any(not g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+                   for g in spec["workerGroupSpecs"]), "a CPU group for Ray Data"
+        assert check.kuberay_problems(spec, pin) == []  # includes Ray's autoscaler reading the spec
+
+
+def test_kuberay_problems_are_reported(raycluster):
+    spec = copy.deepcopy(raycluster["spec"])
+    spec["headGroupSpec"]["rayStartParams"].pop("num-cpus")
+    gpu = _gpu_group(spec)
+    gpu["template"]["spec"]["nodeSelector"][check.GPU_PRODUCT_LABEL] = "NVIDIA-H100-80GB-HBM3"
+    gpu["rayStartParams"]["num-gpus"] = 8  # an int: the CRD only takes strings
+    spec["rayVersion"] = "2.59.0"
+    problems = check.kuberay_problems(spec)
+    assert any("num-cpus" in p and "head" in p.lower() for p in problems)
+    assert any("Ray detects H100" in p and "accelerator_type:A800" in p for p in problems)
+    assert any("num-gpus must be a string" in p for p in problems)
+    assert any("rayVersion" in p for p in problems)
+
+
+def test_rayjob(rayjob, raycluster):
+    spec = rayjob["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
+    assert spec["entrypoint"].split()[:2] == ["python", "jobs/distill.py"]
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert runtime_env["working_dir"]
+    # The job cluster is the long-lived cluster's spec, verbatim: edit one, edit the other.
+    assert spec["rayClusterSpec"] == raycluster["spec"]
+
+
+def test_rayjob_entrypoint_config_exists_and_validates(rayjob):
+    path, overrides = check.entrypoint_config(rayjob["spec"]["entrypoint"])
+    assert path == SS_LARGE and path.is_file()
+    load_config(path, overrides)
+
+
+@pytest.mark.parametrize("target", ["raycluster", "rayjob"])
+def test_credentials_come_from_secrets_only(target, launcher, raycluster, rayjob):
+    spec = _cluster_spec(target, launcher, raycluster, rayjob)
+    secretish = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|CREDENTIAL", re.IGNORECASE)
+    for pod in _pod_specs(spec):
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            for env in container.get("env", []):
+                if secretish.search(env["name"]):
+                    assert "valueFrom" in env, f"{container['name']}: literal {env['name']}"
+            refs = [e["secretRef"]["name"] for e in container.get("envFrom", []) if "secretRef" in e]
+            assert refs == [CREDENTIALS_SECRET], container["name"]
+    env_vars = yaml.safe_load(rayjob["spec"]["runtimeEnvYAML"]).get("env_vars", {})
+    assert not [name for name in env_vars if secretish.search(name)]
+
+
+# --- Versions and images ------------------------------------------------------------------------
+
+
+def test_images_carry_the_pinned_ray(launcher, raycluster, rayjob, pin):
+    base = check.dockerfile_base_image(check.DOCKERFILE.read_text())
+    assert base == f"rayproject/ray:{pin}-py311-cu128"
+    assert check.base_image_problems(base, pin) == []
+    images = [launcher["docker"]["image"]]
+    for spec in (raycluster["spec"], rayjob["spec"]["rayClusterSpec"]):
+        assert spec["rayVersion"] == pin
+        images += [c["image"] for pod in _pod_specs(spec)
+                   for c in [*pod.get("initContainers", []), *pod["containers"]]]
+    assert check.project_image_problems(images, pin) == []
+
+
+def test_version_checks_catch_drift(pin):
+    assert check.dockerfile_base_image("ARG RAY_IMAGE=rayproject/ray:1.2.3-py311-cu128\n"
+                                       "FROM ${RAY_IMAGE}\n") == "rayproject/ray:1.2.3-py311-cu128"
+    assert "requirements.txt pins" in check.base_image_problems("rayproject/ray:2.59.0-py311-cu128", pin)[0]
+    assert "Python 3.11" in check.base_image_problems(f"rayproject/ray:{pin}-py312-cu128", pin)[0]
+    assert check.base_image_problems(f"rayproject/ray:{pin}-py311-cpu", pin)  # not a GPU image
+    assert check.project_image_problems(["r/mdt-ray:ray2.59.0", "r/mdt-ray:ray2.59.0"], pin)
+
+
+def test_ray_names_the_gpus_as_the_configs_do():
+    # What Ray reports as accelerator_type for the GPUs this project runs on (A800 = China part).
+    assert check.ray_accelerator_name("NVIDIA A800-SXM4-80GB") == "A800"
+    assert check.gpu_product_accelerator("NVIDIA-A800-SXM4-80GB") == "A800"
+    assert check.ray_accelerator_name(check.EC2_SHAPES["p4d.24xlarge"][2]) == "A100"
+    assert check.ray_accelerator_name(check.EC2_SHAPES["p5.48xlarge"][2]) == "H100"
+
+
+# --- Agreement between the job configs and the clusters -----------------------------------------
+
+
+def _cluster(target, launcher, raycluster, rayjob):
+    if target == "aws":
+        return check.launcher_cluster(launcher)
+    return check.kuberay_cluster(_cluster_spec(target, launcher, raycluster, rayjob))
+
+
+@pytest.mark.parametrize("config_path", TRELLIS_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("target", ["aws", "raycluster", "rayjob"])
+def test_job_configs_agree_with_clusters(config_path, target, launcher, raycluster, rayjob):
+    cfg = load_config(config_path)
+    if target == "aws":
+        # As submitted on AWS per cluster/README.md: with the launcher's stand-in for an A800.
+        cfg = load_config(config_path, check.submit_overrides(cfg, check.launcher_cluster(launcher)))
+    assert check.agreement_problems(cfg, _cluster(target, launcher, raycluster, rayjob)) == []
+
+
+def test_whole_report_is_clean():
+    assert check.report() == []
+
+
+def test_check_catches_too_many_workers(raycluster):
+    cfg = load_config(SS_LARGE)
+    cluster = check.kuberay_cluster(raycluster["spec"])
+    cfg.scale.num_workers = 17  # two 8-GPU pods hold 16
+    [problem] = check.agreement_problems(cfg, cluster)
+    assert "scale.num_workers=17" in problem and "at most 16" in problem
+
+
+def test_check_catches_a_shrunk_cluster(raycluster):
+    spec = copy.deepcopy(raycluster["spec"])
+    _gpu_group(spec)["maxReplicas"] = 1
+    problems = check.agreement_problems(load_config(SS_LARGE), check.kuberay_cluster(spec))
+    assert any("at most 8" in p for p in problems)
+
+
+def test_check_counts_the_launchers_node_cap(launcher):
+    capped = copy.deepcopy(launcher)
+    capped["max_workers"] = 1  # per-type maxima allow 2 A100 nodes, the global cap only 1
+    cfg = load_config(SS_LARGE, ["scale.accelerator_type=A100"])
+    problems = check.agreement_problems(cfg, check.launcher_cluster(capped))
+    assert any("at most 8 workers" in p and "1 nodes in all" in p for p in problems)
+
+
+def test_check_catches_cpu_starved_nodes(raycluster):
+    cfg = load_config(SS_LARGE)
+    cfg.scale.cpus_per_worker = 12  # 8 x 12 = 96: nothing left for Ray Data on a 96-CPU pod
+    problems = check.agreement_problems(cfg, check.kuberay_cluster(raycluster["spec"]))
+    assert any("gpu-a800" in p and "Ray Data" in p for p in problems)
+
+
+def test_check_catches_wrong_accelerator(raycluster, launcher):
+    cfg = load_config(SS_LARGE)
+    cfg.scale.accelerator_type = "H100"
+    [problem] = check.agreement_problems(cfg, check.kuberay_cluster(raycluster["spec"]))
+    assert "accelerator_type:H100" in problem
+
+    # AWS has no A800: without the documented override the check says what to pass.
+    a800 = load_config(SS_LARGE)
+    assert a800.scale.accelerator_type == "A800"
+    [problem] = check.agreement_problems(a800, check.launcher_cluster(launcher))
+    assert "--set scale.accelerator_type=A100" in problem
+    assert check.submit_overrides(a800, check.launcher_cluster(launcher)) == ["scale.accelerator_type=A100"]
+
+
+def test_check_catches_teacher_outside_fetched_folder(raycluster):
+    cfg = load_config(SS_LARGE)
+    cfg.model.teacher = "/data/other/ss_flow.json"
+    problems = check.agreement_problems(cfg, check.kuberay_cluster(raycluster["spec"]))
+    assert any("model.teacher /data/other/ss_flow.json" in p for p in problems)
+
+
+def test_check_catches_cpu_training_on_gpu_cluster(raycluster):
+    cfg = load_config(SS_LARGE)
+    cfg.scale.use_gpu = False
+    assert any("use_gpu" in p for p in check.agreement_problems(cfg, check.kuberay_cluster(raycluster["spec"])))
+
+
+# --- cluster/fetch_models.py --------------------------------------------------------------------
+
+
+def test_fetch_models_copies_a_prefix_once(tmp_path, monkeypatch):
+    moto = pytest.importorskip("moto")
+    import boto3
+
+    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with moto.mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="models")
+        s3.put_object(Bucket="models", Key="ckpts/ss.json", Body=b"{}")
+        s3.put_object(Bucket="models", Key="ckpts/ss.safetensors", Body=b"w" * 100)
+        s3.put_object(Bucket="models", Key="ckpts/dec/slat.safetensors", Body=b"d" * 10)
+        s3.put_object(Bucket="models", Key="ckpts-old/stale.json", Body=b"not this one")
+        dest = (tmp_path / "models").resolve()
+
+        written = fetch_models.fetch("s3://models/ckpts", dest, client=s3)
+        assert sorted(p.relative_to(dest).as_posix() for p in written) == [
+            "dec/slat.safetensors", "ss.json", "ss.safetensors"]
+        assert (dest / "ss.safetensors").read_bytes() == b"w" * 100
+        assert fetch_models.fetch("s3://models/ckpts/", dest, client=s3) == []  # already there
+
+        (dest / "ss.safetensors").write_bytes(b"w" * 7)  # a truncated copy is replaced
+        assert fetch_models.fetch("s3://models/ckpts/", dest, client=s3) == [dest / "ss.safetensors"]
+        assert not [p for p in dest.rglob(".*")]  # no temporary files left behind
+
+        with pytest.raises(FileNotFoundError):
+            fetch_models.fetch("s3://models/nothing/", dest, client=s3)
+    with pytest.raises(ValueError):
+        fetch_models.split_s3_uri("/local/path")
