@@ -30,12 +30,29 @@ def _ss(width: int, blocks: int, heads: int, *, cond: int = 64, patch: int = 2, 
     }
 
 
+def _slat(width: int, blocks: int, heads: int, io: list[int], *, cond: int = 64, fp16: bool = False,
+          resolution: int = 64) -> dict[str, Any]:
+    return {
+        "name": _SLAT,
+        "args": {
+            "resolution": resolution, "in_channels": 8, "out_channels": 8,
+            "model_channels": width, "cond_channels": cond, "num_blocks": blocks,
+            "num_heads": heads, "mlp_ratio": 4, "patch_size": 2, "num_io_res_blocks": 2,
+            "io_block_channels": io, "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": fp16,
+        },
+    }
+
+
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "ss-tiny": _ss(64, 2, 4),  # tests
     "ss-demo": _ss(128, 4, 4),  # CPU demo and CPU benchmark (DESIGN §4 sizing)
     "ss-B": _ss(768, 12, 12, cond=1024, patch=1, fp16=True),
     # TRELLIS-image-large stage 1 (ss_flow_img_dit_L_16l8_fp16): 555,543,560 parameters.
     "ss-L": _ss(1024, 24, 16, cond=1024, patch=1, fp16=True),
+    "slat-tiny": _slat(64, 2, 4, [16]),  # tests
+    "slat-demo": _slat(128, 4, 4, [32]),  # CPU demo
+    # TRELLIS-image-large stage 2 (slat_flow_img_dit_L_64l8p2_fp16): 600,432,520 parameters.
+    "slat-L": _slat(1024, 24, 16, [128], cond=1024, fp16=True),
 }
 
 
