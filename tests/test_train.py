@@ -108,7 +108,7 @@ def test_nonfinite_loss_stops_with_diagnostic_and_keeps_last_good_checkpoint(ray
     with pytest.raises(RunError, match="non-finite loss at step 2"):
         distill(bad, resume=True)
     runs = Path(cfg.run.storage_path) / "nanrun"
-    ckpts = sorted(p.name for p in runs.glob("checkpoint_*"))
+    ckpts = sorted(p.name for p in runs.glob("checkpoint_0*"))
     assert ckpts == ["checkpoint_00000002"]
     assert load_checkpoint(good.checkpoint)["meta"]["step"] == 2
 

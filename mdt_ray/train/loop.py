@@ -114,8 +114,7 @@ def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
     return values
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+STOP_NOTE = "stopped_nonfinite.json"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -195,7 +194,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 (out["loss"] / tc.batch_split).backward()
             for k, v in out.items():
                 if k.startswith("loss"):
-                    terms[k] = terms.get(k, 0.0) + float(v) / tc.batch_split
+                    terms[k] = terms.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / tc.batch_split
             if "t_bin_sum" in out:
                 bins[0] += out["t_bin_sum"]
                 bins[1] += out["t_bin_count"]
@@ -209,9 +208,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    + ", ".join(f"{k}={v:.4g}" for k, v in diag.items())
                    + f", lr={tc.lr}, t=[{float(draws['t'].min()):.3f}, {float(draws['t'].max()):.3f}]. "
                    "The last good checkpoint is kept; lower train.lr or distill.cfg_* and resume.")
-            ray.train.report({"step": step, "stopped_nonfinite": 1.0, "nonfinite_message": msg})
             if rank == 0:
                 print(f"[mdt-ray] {msg}", flush=True)
+                _write_stop_note(loop_config, {"step": step, "message": msg, **diag})
+            ray.train.report({"step": step, "stopped_nonfinite": 1.0})
             return
 
         grad_norm = clipper(student.parameters())
@@ -285,6 +285,18 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             ray.train.report(metrics)
         window, n_window, t_window = {}, 0, time.perf_counter()
         bins.zero_()
+
+
+def _write_stop_note(loop_config: dict[str, Any], note: dict[str, Any]) -> None:
+    """Tell the driver why the run stopped. Ray's Result carries the metrics of the latest
+    checkpoint only, and a stop must not write a checkpoint, so the note goes to the run dir."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    fs = loop_config.get("storage_fs") or pafs.LocalFileSystem()
+    with fs.open_output_stream(f"{loop_config['run_dir']}/{STOP_NOTE}") as f:
+        f.write(json.dumps(note, indent=1).encode())
 
 
 def _fmt_eval(metrics: dict[str, float]) -> str:

@@ -92,6 +92,22 @@ def write_run_meta(cfg: Config, meta: dict[str, Any]) -> None:
         f.write(json.dumps(meta, indent=1).encode())
 
 
+def _take_stop_note(cfg: Config) -> Optional[dict[str, Any]]:
+    """Read and remove the note a worker leaves when it stops the run (non-finite loss)."""
+    import pyarrow.fs as pafs
+
+    from mdt_ray.train.loop import STOP_NOTE
+
+    fs, run_dir = _fs_and_dir(cfg)
+    path = f"{run_dir}/{STOP_NOTE}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        note = json.loads(f.read().decode())
+    fs.delete_file(path)
+    return note
+
+
 def teacher_args(cfg: Config) -> dict[str, Any]:
     from mdt_ray.models import NAMED_CONFIGS
 
@@ -149,7 +165,8 @@ def build_trainer(cfg: Config, *, mlflow_run_id: Optional[str] = None, tracking_
         dataset = make_dataset(cfg.data.uri, stage=cfg.model.stage, shuffle=cfg.data.shuffle, seed=cfg.train.seed,
                                endpoint_url=cfg.data.storage_endpoint, region=cfg.data.storage_region)
     loop_config = {"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id,
-                   "tracking_uri": tracking_uri, "eval_data": eval_data}
+                   "tracking_uri": tracking_uri, "eval_data": eval_data,
+                   "run_dir": f"{storage_path.rstrip('/')}/{cfg.run.name}", "storage_fs": storage_fs}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
@@ -210,12 +227,14 @@ def distill(cfg: Config, *, resume: bool = False) -> DistillResult:
     eval_data = load_eval_data(cfg)
     trainer = build_trainer(cfg, mlflow_run_id=run_id, tracking_uri=uri,
                             eval_data=ray.put(eval_data) if eval_data is not None else None)
+    stop_note = _take_stop_note(cfg)  # a stale note from an earlier stop must not fail this run
     status = "FAILED"
     try:
         result = trainer.fit()
         metrics = dict(result.metrics or {})
-        if metrics.get("stopped_nonfinite"):
-            raise RunError(metrics.get("nonfinite_message", "non-finite loss"))
+        stop_note = _take_stop_note(cfg)
+        if stop_note:
+            raise RunError(stop_note.get("message", "non-finite loss"))
         status = "FINISHED"
     except Exception as e:
         if uri and run_id:
