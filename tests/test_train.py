@@ -125,3 +125,20 @@ def test_demo_config_end_to_end_through_the_job_script(local_corpus, tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "[mdt-ray] step 4/4" in proc.stdout + proc.stderr
     assert (tmp_path / "runs" / "mdt-demo" / "checkpoint_00000004" / "trellis" / "mdt-demo_student.safetensors").is_file()
+
+
+def test_tiny_stage2_distillation_through_ray_train(ray_local, local_corpus, tmp_path):
+    cfg = _cfg(tmp_path, local_corpus, "model.stage=slat", "model.teacher=slat-tiny", "scale.num_workers=2",
+               "train.steps=4", "train.batch_size=4", "train.batch_split=2", "train.checkpoint_every=4",
+               "train.eval_steps=[1, 2]", "run.name=slat")
+    out = distill(cfg)
+    assert out.metrics["step"] == 4
+    assert {"loss_vm", "loss_vd", "eval_feat_mse_1step", "eval_feat_mse_2step"} <= set(out.metrics)
+    student = load_trellis(Path(out.checkpoint) / "trellis" / "slat_student.json")
+    assert type(student).__name__ == "SLatFlowModel"
+
+
+def test_stage_and_teacher_mismatch_is_named(ray_local, local_corpus, tmp_path):
+    cfg = _cfg(tmp_path, local_corpus, "model.stage=slat", "model.teacher=ss-tiny", "run.name=mismatch")
+    with pytest.raises(RunError, match="model.stage"):
+        distill(cfg)

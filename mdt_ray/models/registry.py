@@ -57,17 +57,11 @@ NAMED_CONFIGS: dict[str, dict[str, Any]] = {
 
 
 def model_classes() -> dict[str, type[nn.Module]]:
+    from mdt_ray.models.slat_flow import SLatFlowModel
     from mdt_ray.models.ss_flow import SparseStructureFlowModel
 
-    classes: dict[str, type[nn.Module]] = {_SS: SparseStructureFlowModel}
-    try:
-        from mdt_ray.models.slat_flow import SLatFlowModel
-    except ImportError:  # stage 2 is optional until its module lands
-        pass
-    else:
-        classes[_SLAT] = SLatFlowModel
-        classes["ElasticSLatFlowModel"] = SLatFlowModel  # same parameters, TRELLIS adds only checkpointing
-    return classes
+    # ElasticSLatFlowModel has SLatFlowModel's parameters; TRELLIS adds only memory-driven checkpointing.
+    return {_SS: SparseStructureFlowModel, _SLAT: SLatFlowModel, "ElasticSLatFlowModel": SLatFlowModel}
 
 
 def resolve_config(spec: str | dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from mdt_ray.config import Config
 from mdt_ray.models import NAMED_CONFIGS, build_model, export_trellis, load_trellis
 from mdt_ray.models.modules import convert_torso
 from mdt_ray.objectives import NUM_T_BINS, compute_loss, draw_inputs
+from mdt_ray.train.batches import micro_batches
 from mdt_ray.train.optim import GradClipper, ema_init, ema_update
 from mdt_ray.train.state import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
 
@@ -81,17 +82,18 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
 # Data
 
 
-def _epochs(shard, batch_size: int, device, start_epoch: int, skip: int, shuffle_buffer: int, seed: int
-            ) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+def _epochs(shard, batch_size: int, device, start_epoch: int, skip: int, shuffle_buffer: int, seed: int,
+            stage: str = "ss") -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(epoch, index in epoch, batch) forever; the first `skip` batches of `start_epoch` are
     read and dropped (resume), full batches only (drop_last), so every rank steps alike."""
-    from mdt_ray.data.pipeline import torch_batches
+    from mdt_ray.data.pipeline import slat_batches, torch_batches
 
+    batches_of = torch_batches if stage == "ss" else slat_batches
     epoch = start_epoch
     while True:
         n = 0
-        for i, batch in enumerate(torch_batches(shard, batch_size, device=device, drop_last=True,
-                                                local_shuffle_buffer=shuffle_buffer, seed=seed + epoch)):
+        for i, batch in enumerate(batches_of(shard, batch_size, device=device, drop_last=True,
+                                             local_shuffle_buffer=shuffle_buffer, seed=seed + epoch)):
             if epoch == start_epoch and i < skip:
                 continue
             n += 1
@@ -159,7 +161,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if world > 1 else student
     shard = ray.train.get_dataset_shard("train")
     batches = _epochs(shard, tc.batch_size, device, epoch, skip, cfg.data.shuffle_buffer if cfg.data.shuffle else 0,
-                      tc.seed * 1000 + rank)
+                      tc.seed * 1000 + rank, cfg.model.stage)
 
     logger = None
     if rank == 0 and run_id and tracking_uri:
@@ -167,7 +169,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
         logger = RunLogger(tracking_uri, run_id)
     eval_data = loop_config.get("eval_data")
-    micro = tc.batch_size // tc.batch_split
     window: dict[str, float] = {}
     bins = torch.zeros(2, NUM_T_BINS, device=device)
     t_window, n_window = time.perf_counter(), 0
@@ -180,11 +181,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         pos = {"epoch": ep, "index": idx}
         if fail_at is not None and step == fail_at and rank == world - 1:
             raise RuntimeError(f"injected failure at step {step} (run.inject_failure_at_step)")
-        x0_all, cond_all = batch["x0"], batch["cond"]
         terms: dict[str, float] = {}
-        for m in range(tc.batch_split):
-            x0 = x0_all[m * micro : (m + 1) * micro]
-            cond = cond_all[m * micro : (m + 1) * micro]
+        for m, (x0, cond) in enumerate(micro_batches(batch, tc.batch_split, cfg.model.stage)):
             last = m == tc.batch_split - 1
             sync = contextlib.nullcontext() if last or ddp_student is student else ddp_student.no_sync()
             gen = torch.Generator(device=device).manual_seed(step_seed(tc.seed, rank, step, m))
@@ -314,14 +312,39 @@ def _ema_model(student: torch.nn.Module, ema: Optional[dict[str, torch.Tensor]])
 
 
 def _evaluate(student, ema, eval_data, steps, device) -> dict[str, float]:
-    from mdt_ray.evaluate import quick_eval, synthetic_decoder
-
     import ray
 
     data = ray.get(eval_data) if isinstance(eval_data, ray.ObjectRef) else eval_data
     model = _ema_model(student, ema)
+    if "slat_coords" in data:
+        return _evaluate_slat(model, data, steps, device)
+    from mdt_ray.evaluate import quick_eval, synthetic_decoder
+
     return quick_eval(model, data["x0"], data["cond"], steps=steps, device=device,
                       decode=synthetic_decoder(data.get("source") or {}))
+
+
+@torch.no_grad()
+def _evaluate_slat(model, data, steps, device) -> dict[str, float]:
+    """Stage 2 samples features on given voxels; score the mean squared error (in normalised
+    units) against the held-out asset's own features: {"eval_feat_mse_<k>step": ...}."""
+    from mdt_ray.flow import sample
+    from mdt_ray.models.sparse import SparseBatch
+
+    coords = [torch.as_tensor(c, device=device) for c in data["slat_coords"]]
+    feats = [torch.as_tensor(f, dtype=torch.float32, device=device) for f in data["slat_feats"]]
+    target = SparseBatch.from_list(coords, feats)
+    cond = torch.as_tensor(data["cond"], dtype=torch.float32, device=device)
+    g = torch.Generator().manual_seed(0)
+    noise = target.replace(torch.randn(target.feats.shape, generator=g).to(device))
+    was = model.training
+    model.eval()
+    out = {}
+    for k in steps:
+        x = sample(model, noise, cond, steps=k)
+        out[f"eval_feat_mse_{k}step"] = float((x.feats - target.feats).pow(2).mean())
+    model.train(was)
+    return out
 
 
 def _export_final(student, ema, teacher_cpu, out_dir: Path, cfg: Config) -> None:

@@ -108,27 +108,44 @@ def _take_stop_note(cfg: Config) -> Optional[dict[str, Any]]:
     return note
 
 
-def teacher_args(cfg: Config) -> dict[str, Any]:
+def teacher_spec(cfg: Config) -> dict[str, Any]:
+    """The teacher's `{"name", "args"}` without building it."""
     from mdt_ray.models import NAMED_CONFIGS
 
     if cfg.model.teacher in NAMED_CONFIGS:
-        return NAMED_CONFIGS[cfg.model.teacher]["args"]
+        return NAMED_CONFIGS[cfg.model.teacher]
     path = Path(cfg.model.teacher)
     if not path.is_file():
         raise RunError(f"model.teacher: no TRELLIS checkpoint config at {path} (expected <name>.json with "
                        f"<name>.safetensors beside it)")
-    return json.loads(path.read_text())["args"]
+    try:
+        spec = json.loads(path.read_text())
+        spec["name"], spec["args"]
+    except (ValueError, KeyError, TypeError):
+        raise RunError(f"model.teacher: {path} is not a TRELLIS model config ({{\"name\": ..., \"args\": ...}})") from None
+    return spec
+
+
+_STAGE_OF = {"SparseStructureFlowModel": "ss", "SLatFlowModel": "slat", "ElasticSLatFlowModel": "slat"}
 
 
 def check_compatible(cfg: Config, manifest) -> None:
-    """The teacher's input/cond sizes must be the corpus's; say which key to change if not."""
-    args = teacher_args(cfg)
+    """The teacher must be a model of `model.stage` whose input/cond sizes are the corpus's."""
+    spec = teacher_spec(cfg)
+    args = spec["args"]
+    stage = _STAGE_OF.get(spec["name"])
     problems = []
-    if cfg.model.stage == "ss":
+    if stage != cfg.model.stage:
+        problems.append(f"the teacher is a {spec['name']} (stage {stage!r}) but model.stage is {cfg.model.stage!r}")
+    elif stage == "ss":
         c, r = manifest.latent_shape[0], manifest.latent_shape[1]
         if args.get("in_channels") != c or args.get("resolution") != r:
             problems.append(f"latent {list(manifest.latent_shape)} vs model in_channels={args.get('in_channels')}, "
                             f"resolution={args.get('resolution')}")
+    elif args.get("in_channels") != manifest.slat_channels:
+        problems.append(f"{manifest.slat_channels} SLAT channels vs model in_channels={args.get('in_channels')}")
+    if cfg.model.stage not in manifest.stages:
+        problems.append(f"the corpus holds no stage-{cfg.model.stage!r} data (stages {list(manifest.stages)})")
     if args.get("cond_channels") != manifest.cond_shape[1]:
         problems.append(f"cond tokens {list(manifest.cond_shape)} (T, C) vs model cond_channels={args.get('cond_channels')}")
     if problems:
@@ -187,7 +204,8 @@ def load_eval_data(cfg: Config, manifest_source: str = "") -> Optional[dict[str,
                       endpoint_url=cfg.data.storage_endpoint, region=cfg.data.storage_region)
     source = read_manifest(cfg.data.eval_uri, endpoint_url=cfg.data.storage_endpoint,
                            region=cfg.data.storage_region).source
-    return {"x0": rows["x0"], "cond": rows["cond"], "source": source}
+    rows.pop("asset_id", None)
+    return {**rows, "source": source}
 
 
 def distill(cfg: Config, *, resume: bool = False) -> DistillResult:
@@ -199,11 +217,6 @@ def distill(cfg: Config, *, resume: bool = False) -> DistillResult:
 
     resume = resume or cfg.run.resume
     ensure_ray()
-    if cfg.model.stage != "ss":
-        from mdt_ray.models.registry import model_classes
-
-        if "SLatFlowModel" not in model_classes():
-            raise RunError("model.stage 'slat' needs the stage-2 model, which this build does not include")
     exists = run_exists(cfg)
     if exists and not resume:
         raise RunError(f"run {cfg.run.name!r} already exists in {cfg.run.storage_path}: pass --resume to continue "
