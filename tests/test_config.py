@@ -2,7 +2,7 @@ import pytest
 
 from mdt_ray.config import Config, ConfigError, load_config
 
-CONFIGS = ["jobs/configs/demo.yaml", "jobs/configs/trellis_ss_large.yaml"]
+CONFIGS = ["jobs/configs/demo.yaml", "jobs/configs/trellis_ss_large.yaml", "jobs/configs/trellis_slat_large.yaml"]
 
 
 @pytest.mark.parametrize("path", CONFIGS)
