@@ -12,8 +12,10 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +36,18 @@ from mdt_ray.train.state import load_checkpoint, load_optimizer, optimizer_tenso
 # Models
 
 
+def teacher_path(spec: str) -> Path:
+    """A TRELLIS json path from `model.teacher`: as given when it exists from the cwd, else, for a
+    relative path, from the repository root (the packaged `mdt_ray/assets/...` teacher then
+    resolves from any cwd, including a Ray worker's)."""
+    path = Path(spec)
+    if not path.exists() and not path.is_absolute():
+        root_relative = Path(__file__).resolve().parents[2] / path
+        if root_relative.exists():
+            return root_relative
+    return path
+
+
 def build_teacher(model_cfg, seed: int = 0) -> torch.nn.Module:
     """The frozen teacher on CPU: a TRELLIS checkpoint pair, or a built-in size.
 
@@ -48,7 +62,7 @@ def build_teacher(model_cfg, seed: int = 0) -> torch.nn.Module:
                 if p.dim() >= 1 and not p.any():
                     p.normal_(0.0, 0.02)
         return model
-    return load_trellis(model_cfg.teacher)
+    return load_trellis(teacher_path(model_cfg.teacher))
 
 
 def student_from(teacher: torch.nn.Module) -> torch.nn.Module:
@@ -119,6 +133,13 @@ def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
 STOP_NOTE = "stopped_nonfinite.json"
 
 
+def _say(line: str) -> None:
+    """A progress line to the driver. Ray Train 2.60 patches `print` in workers to tee into its
+    logger as well, which shows every line twice once MLflow has wrapped stdout; write directly."""
+    sys.stdout.write(f"[mdt-ray] {line}\n")
+    sys.stdout.flush()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -154,7 +175,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         start_step, epoch, skip = meta["step"], meta["epoch"], meta["batches_in_epoch"][rank] if rank < len(meta["batches_in_epoch"]) else meta["batches_in_epoch"][0]
         clipper.load(meta.get("clip_history", []))
         if rank == 0:
-            print(f"[mdt-ray] resumed from checkpoint at step {start_step}", flush=True)
+            _say(f"resumed from checkpoint at step {start_step}")
     fail_at = cfg.run.inject_failure_at_step if not checkpoint else None
 
     ddp_student = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": False}) \
@@ -207,7 +228,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                    + f", lr={tc.lr}, t=[{float(draws['t'].min()):.3f}, {float(draws['t'].max()):.3f}]. "
                    "The last good checkpoint is kept; lower train.lr or distill.cfg_* and resume.")
             if rank == 0:
-                print(f"[mdt-ray] {msg}", flush=True)
+                _say(msg)
                 _write_stop_note(loop_config, {"step": step, "message": msg, **diag})
             ray.train.report({"step": step, "stopped_nonfinite": 1.0})
             return
@@ -267,10 +288,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 if is_last:
                     _export_final(student, ema, teacher_cpu, Path(ckpt_dir) / "trellis", cfg)
             eta = f"{int(remaining // 3600)}:{int(remaining % 3600 // 60):02d}:{int(remaining % 60):02d}"
-            print(f"[mdt-ray] step {done}/{tc.steps} loss {metrics['loss']:.4g}"
-                  + (f" (vm {metrics['loss_vm']:.4g} vd {metrics['loss_vd']:.4g})" if "loss_vd" in metrics else "")
-                  + f" grad {metrics['grad_norm']:.3g} {metrics['assets_per_s_per_worker']:.1f} assets/s/worker"
-                  + f" ETA {eta}" + (f" eval {_fmt_eval(metrics)}" if do_eval else ""), flush=True)
+            _say(f"step {done}/{tc.steps} loss {metrics['loss']:.4g}"
+                 + (f" (vm {metrics['loss_vm']:.4g} vd {metrics['loss_vd']:.4g})" if "loss_vd" in metrics else "")
+                 + f" grad {metrics['grad_norm']:.3g} {metrics['assets_per_s_per_worker']:.1f} assets/s/worker"
+                 + f" ETA {eta}" + (f" eval {_fmt_eval(metrics)}" if do_eval else ""))
             if logger is not None:
                 logger.log_metrics(metrics, step=done)
         if ckpt_dir:
@@ -278,6 +299,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                              checkpoint_dir_name=f"checkpoint_{done:08d}")
             if is_last and logger is not None:
                 logger.log_artifacts(Path(ckpt_dir) / "trellis", "student")
+                if last_eval:
+                    logger.log_text(json.dumps({"step": done, **last_eval}, indent=1), "eval/final_eval.json")
             shutil.rmtree(ckpt_dir, ignore_errors=True)  # uploaded; the local copy is scratch
         else:
             ray.train.report(metrics)
@@ -288,8 +311,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 def _write_stop_note(loop_config: dict[str, Any], note: dict[str, Any]) -> None:
     """Tell the driver why the run stopped. Ray's Result carries the metrics of the latest
     checkpoint only, and a stop must not write a checkpoint, so the note goes to the run dir."""
-    import json
-
     import pyarrow.fs as pafs
 
     fs = loop_config.get("storage_fs") or pafs.LocalFileSystem()

@@ -114,7 +114,9 @@ def teacher_spec(cfg: Config) -> dict[str, Any]:
 
     if cfg.model.teacher in NAMED_CONFIGS:
         return NAMED_CONFIGS[cfg.model.teacher]
-    path = Path(cfg.model.teacher)
+    from mdt_ray.train.loop import teacher_path
+
+    path = teacher_path(cfg.model.teacher)
     if not path.is_file():
         raise RunError(f"model.teacher: no TRELLIS checkpoint config at {path} (expected <name>.json with "
                        f"<name>.safetensors beside it)")
