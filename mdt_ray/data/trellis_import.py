@@ -1,0 +1,358 @@
+"""Convert a TRELLIS dataset root into corpus shards (spec §1: TRELLIS's on-disk formats).
+
+Input layout (what TRELLIS's dataset_toolkits write, plus precomputed cond tokens):
+
+    ROOT/metadata.csv                                  sha256, aesthetic_score, num_voxels,
+                                                       ss_latent_<ss_model>, latent_<slat_model>,
+                                                       cond_rendered, ... (one row per asset)
+    ROOT/ss_latents/<ss_model>/<sha256>.npz            key `mean`: (8, 16, 16, 16) float32
+    ROOT/latents/<slat_model>/<sha256>.npz             keys `feats` (L, 8) float32,
+                                                       `coords` (L, 3) uint8 in [0, 64)
+    ROOT/latents/<slat_model>/stats.json               optional: {"mean": [8], "std": [8]}
+    ROOT/<cond_dir>/<sha256>.npy | .npz                (T, C) tokens, or (V, T, C) for V views
+
+Assets are kept as TRELLIS's datasets keep them: the latent flags true, aesthetic score at least
+`min_aesthetic`, at most `max_voxels` voxels (stage 2), cond rendered. Every asset left out is
+counted by reason, printed and recorded in the manifest; an asset that passes the filters but
+whose files are missing or malformed is an error naming it (or, with skip_missing, counted too).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+
+from mdt_ray.data.corpus import (
+    ROW_GROUP_BYTES,
+    BuildPlan,
+    ShardTask,
+    row_bytes,
+    run_plan,
+    shard_counts,
+)
+from mdt_ray.data.schema import LATENT_SHAPE, SLAT_CHANNELS, CorpusError, Manifest
+
+DEFAULT_SS_MODEL = "ss_enc_conv3d_16l8_fp16"
+DEFAULT_SLAT_MODEL = "dinov2_vitl14_reg_slat_enc_swin8_B_64l8_fp16"
+DEFAULT_COND_DIR = "cond_tokens"
+SLAT_RESOLUTION = 64
+MAX_VOXELS = 32768  # TRELLIS's max_num_voxels (both SLAT configs)
+MIN_AESTHETIC = 4.5  # both MDT-dist configs
+_COND_KEYS = ("tokens", "cond", "features", "patchtokens")
+_ROWS_PER_CHUNK = 16
+
+
+class TrellisImportError(CorpusError):
+    pass
+
+
+def _truthy(value: str, *, column: str, sha: str) -> bool:
+    v = value.strip().lower()
+    if v in ("true", "1", "yes"):
+        return True
+    if v in ("false", "0", "no", ""):
+        return False
+    raise TrellisImportError(f"metadata.csv: asset {sha}: column {column!r} is {value!r}, not a boolean")
+
+
+def _pick_model(root: str, folder: str, given: Optional[str], default: str) -> str:
+    if given:
+        return given
+    base = os.path.join(root, folder)
+    subdirs = sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d))) if os.path.isdir(base) else []
+    if len(subdirs) == 1:
+        return subdirs[0]
+    if default in subdirs or not subdirs:
+        return default
+    raise TrellisImportError(f"{base} holds several encoders {subdirs}; choose one with --{folder.rstrip('s').replace('_', '-')}-model")
+
+
+def _cond_path(cond_dir: str, sha: str) -> Optional[str]:
+    for ext in (".npy", ".npz"):
+        p = os.path.join(cond_dir, sha + ext)
+        if os.path.exists(p):
+            return p
+    return None
+
+
+def load_cond(path: str, *, sha: str) -> np.ndarray:
+    """Tokens (T, C) or (V, T, C) from an .npy, or an .npz with one array (or key tokens/cond/...)."""
+    try:
+        if path.endswith(".npy"):
+            arr = np.load(path, allow_pickle=False)
+        else:
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                key = keys[0] if len(keys) == 1 else next((k for k in _COND_KEYS if k in keys), None)
+                if key is None:
+                    raise TrellisImportError(
+                        f"asset {sha}: {path} holds arrays {keys}; expected one array or one of {list(_COND_KEYS)}"
+                    )
+                arr = z[key]
+    except TrellisImportError:
+        raise
+    except Exception as e:
+        raise TrellisImportError(f"asset {sha}: cannot read cond tokens {path}: {e}") from None
+    if arr.ndim not in (2, 3):
+        raise TrellisImportError(f"asset {sha}: cond tokens {path} have shape {arr.shape}; expected (T, C) or (V, T, C)")
+    return arr
+
+
+@dataclass
+class _Entry:
+    sha: str
+    ss_path: Optional[str]
+    slat_path: Optional[str]
+    cond_path: str
+
+
+def _read_npz(path: str, keys: Sequence[str], *, sha: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in keys if k not in z]
+            if missing:
+                raise TrellisImportError(f"asset {sha}: {path} lacks key(s) {missing} (has {list(z.keys())})")
+            return {k: z[k] for k in keys}
+    except TrellisImportError:
+        raise
+    except Exception as e:
+        raise TrellisImportError(f"asset {sha}: cannot read {path}: {e}") from None
+
+
+def trellis_rows(*, entries: list[tuple], stages: Sequence[str], cond_shape: Sequence[int], views: str,
+                 max_voxels: int) -> Iterator[dict[str, Any]]:
+    """Columns for the given assets, _ROWS_PER_CHUNK at a time, each checked against the formats."""
+    cols: dict[str, list] = {k: [] for k in ("asset_id", "ss_latent", "slat_coords", "slat_feats", "cond")}
+    for sha, ss_path, slat_path, cond_path in entries:
+        if "ss" in stages:
+            mean = _read_npz(ss_path, ["mean"], sha=sha)["mean"]
+            if mean.shape != LATENT_SHAPE:
+                raise TrellisImportError(f"asset {sha}: {ss_path} `mean` has shape {mean.shape}, expected {LATENT_SHAPE}")
+        else:
+            mean = np.zeros(LATENT_SHAPE, np.float32)
+        if "slat" in stages:
+            z = _read_npz(slat_path, ["feats", "coords"], sha=sha)
+            feats, coords = z["feats"], z["coords"]
+            if coords.ndim != 2 or coords.shape[1] != 3 or feats.shape != (coords.shape[0], SLAT_CHANNELS):
+                raise TrellisImportError(
+                    f"asset {sha}: {slat_path} has coords {coords.shape} and feats {feats.shape}; "
+                    f"expected (L, 3) and (L, {SLAT_CHANNELS})"
+                )
+            if len(coords) > max_voxels:
+                raise TrellisImportError(f"asset {sha}: {slat_path} has {len(coords)} voxels, metadata.csv said at most {max_voxels}")
+            if coords.size and (coords.min() < 0 or coords.max() >= SLAT_RESOLUTION):
+                raise TrellisImportError(f"asset {sha}: {slat_path} coords outside [0, {SLAT_RESOLUTION})")
+            coords = coords.astype(np.int16)
+        else:
+            coords, feats = np.zeros((0, 3), np.int16), np.zeros((0, SLAT_CHANNELS), np.float32)
+        tokens = load_cond(cond_path, sha=sha)
+        per_view = tokens if tokens.ndim == 3 else tokens[None]
+        if tuple(per_view.shape[1:]) != tuple(cond_shape):
+            raise TrellisImportError(
+                f"asset {sha}: cond tokens {cond_path} are {per_view.shape[1:]} per view; the first asset's "
+                f"were {tuple(cond_shape)} and one corpus has one cond shape"
+            )
+        chosen = range(len(per_view)) if views == "all" else range(1)
+        for v in chosen:
+            cols["asset_id"].append(sha if views != "all" else f"{sha}:{v}")
+            cols["ss_latent"].append(mean)
+            cols["slat_coords"].append(coords)
+            cols["slat_feats"].append(feats)
+            cols["cond"].append(per_view[v])
+        if len(cols["asset_id"]) >= _ROWS_PER_CHUNK:
+            yield _stack(cols)
+            cols = {k: [] for k in cols}
+    if cols["asset_id"]:
+        yield _stack(cols)
+
+
+def _stack(cols: dict[str, list]) -> dict[str, Any]:
+    return {**cols, "ss_latent": np.stack(cols["ss_latent"]), "cond": np.stack(cols["cond"])}
+
+
+def plan_import(
+    root: str,
+    *,
+    ss_model: Optional[str] = None,
+    slat_model: Optional[str] = None,
+    cond_dir: str = DEFAULT_COND_DIR,
+    stages: Sequence[str] = ("ss", "slat"),
+    min_aesthetic: Optional[float] = MIN_AESTHETIC,
+    max_voxels: int = MAX_VOXELS,
+    views: str = "first",
+    skip_missing: bool = False,
+    rows_per_shard: Optional[int] = None,
+    num_shards: Optional[int] = None,
+    limit: Optional[int] = None,
+) -> tuple[BuildPlan, dict[str, Any]]:
+    """Read metadata.csv, filter, check that every kept asset's files exist; returns the plan
+    and a report {kept, candidates, filtered: {reason: count}, missing: [...]}."""
+    root = os.path.abspath(root)
+    stages = tuple(stages)
+    if not stages or set(stages) - {"ss", "slat"}:
+        raise ValueError(f"stages must be a non-empty subset of ('ss', 'slat'), got {stages}")
+    if views not in ("first", "all"):
+        raise ValueError(f"views must be 'first' or 'all', got {views!r}")
+    meta_path = os.path.join(root, "metadata.csv")
+    if not os.path.isfile(meta_path):
+        raise TrellisImportError(f"{root} is not a TRELLIS dataset root: no metadata.csv")
+    ss_model = _pick_model(root, "ss_latents", ss_model, DEFAULT_SS_MODEL) if "ss" in stages else None
+    slat_model = _pick_model(root, "latents", slat_model, DEFAULT_SLAT_MODEL) if "slat" in stages else None
+    cond_root = cond_dir if os.path.isabs(cond_dir) else os.path.join(root, cond_dir)
+    if not os.path.isdir(cond_root):
+        raise TrellisImportError(f"cond token folder {cond_root} does not exist (set --cond-dir)")
+
+    with open(meta_path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    if "sha256" not in header:
+        raise TrellisImportError(f"{meta_path} has no sha256 column (columns: {header})")
+    if min_aesthetic is not None and "aesthetic_score" not in header:
+        raise TrellisImportError(
+            f"{meta_path} has no aesthetic_score column; pass --min-aesthetic none to import without that filter"
+        )
+
+    filtered: Counter = Counter()
+    missing: list[str] = []
+    kept: list[_Entry] = []
+    seen: set[str] = set()
+    for row in rows:
+        sha = row["sha256"].strip()
+        if not sha:
+            raise TrellisImportError(f"{meta_path}: a row has an empty sha256")
+        if sha in seen:
+            raise TrellisImportError(f"{meta_path}: asset {sha} is listed twice")
+        seen.add(sha)
+        if ss_model and f"ss_latent_{ss_model}" in header and not _truthy(row[f"ss_latent_{ss_model}"], column=f"ss_latent_{ss_model}", sha=sha):
+            filtered["ss_latent not encoded"] += 1
+            continue
+        if slat_model and f"latent_{slat_model}" in header and not _truthy(row[f"latent_{slat_model}"], column=f"latent_{slat_model}", sha=sha):
+            filtered["slat latent not encoded"] += 1
+            continue
+        if "cond_rendered" in header and not _truthy(row["cond_rendered"], column="cond_rendered", sha=sha):
+            filtered["cond not rendered"] += 1
+            continue
+        if min_aesthetic is not None:
+            try:
+                score = float(row["aesthetic_score"])
+            except ValueError:
+                raise TrellisImportError(f"{meta_path}: asset {sha}: aesthetic_score {row['aesthetic_score']!r} is not a number") from None
+            if not score >= min_aesthetic:
+                filtered[f"aesthetic_score < {min_aesthetic:g}"] += 1
+                continue
+        ss_path = os.path.join(root, "ss_latents", ss_model, sha + ".npz") if ss_model else None
+        slat_path = os.path.join(root, "latents", slat_model, sha + ".npz") if slat_model else None
+        if slat_model:
+            if "num_voxels" in header and row["num_voxels"].strip():
+                try:
+                    nvox = int(float(row["num_voxels"]))
+                except ValueError:
+                    raise TrellisImportError(f"{meta_path}: asset {sha}: num_voxels {row['num_voxels']!r} is not a number") from None
+            elif os.path.exists(slat_path):
+                nvox = len(_read_npz(slat_path, ["coords"], sha=sha)["coords"])
+            else:
+                nvox = 0
+            if nvox > max_voxels:
+                filtered[f"num_voxels > {max_voxels}"] += 1
+                continue
+        cond_path = _cond_path(cond_root, sha)
+        absent = [p for p in (ss_path, slat_path) if p and not os.path.exists(p)]
+        if cond_path is None:
+            absent.append(os.path.join(cond_root, sha + ".npy|.npz"))
+        if absent:
+            if not skip_missing:
+                raise TrellisImportError(
+                    f"asset {sha} passes the filters but its file(s) are missing: {absent} "
+                    "(fix the dataset, or pass --skip-missing to leave such assets out, counted)"
+                )
+            missing.append(sha)
+            filtered["files missing"] += 1
+            continue
+        kept.append(_Entry(sha, ss_path, slat_path, cond_path))
+        if limit is not None and len(kept) >= limit:
+            break
+    if not kept:
+        raise TrellisImportError(f"no asset of {meta_path} passes the filters ({dict(filtered)})")
+
+    first = load_cond(kept[0].cond_path, sha=kept[0].sha)
+    cond_shape = tuple(int(x) for x in first.shape[-2:])
+    n_views = first.shape[0] if first.ndim == 3 else 1
+    rows_per_asset = n_views if views == "all" else 1
+
+    stats_from = "corpus"
+    slat_mean: list[float] = []
+    slat_std: list[float] = []
+    if slat_model:
+        stats_path = os.path.join(root, "latents", slat_model, "stats.json")
+        if os.path.exists(stats_path):
+            with open(stats_path) as f:
+                stats = json.load(f)
+            slat_mean = [float(x) for x in stats.get("mean", [])]
+            slat_std = [float(x) for x in stats.get("std", [])]
+            if len(slat_mean) != SLAT_CHANNELS or len(slat_std) != SLAT_CHANNELS:
+                raise TrellisImportError(f"{stats_path}: expected {SLAT_CHANNELS} means and stds")
+            stats_from = stats_path
+
+    report = {
+        "candidates": len(rows),
+        "kept": len(kept),
+        "rows": len(kept) * rows_per_asset,
+        "filtered": dict(sorted(filtered.items())),
+        "missing": missing,
+    }
+    manifest = Manifest(
+        latent_shape=LATENT_SHAPE,
+        cond_shape=cond_shape,
+        slat_channels=SLAT_CHANNELS,
+        slat_resolution=SLAT_RESOLUTION,
+        stages=stages,
+        source={
+            "kind": "trellis",
+            "root": root,
+            "ss_model": ss_model,
+            "slat_model": slat_model,
+            "cond_dir": cond_root,
+            "views": views,
+            "min_aesthetic": min_aesthetic,
+            "max_voxels": max_voxels,
+            "candidates": len(rows),
+            "filtered": report["filtered"],
+        },
+        slat_mean=slat_mean,
+        slat_std=slat_std,
+        slat_stats_from=stats_from,
+    )
+    nbytes = row_bytes(manifest, mean_voxels=20000 if slat_model else 0)
+    counts = shard_counts(len(kept), rows_per_shard=None if rows_per_shard is None else max(1, rows_per_shard // rows_per_asset),
+                          num_shards=num_shards, row_nbytes=nbytes * rows_per_asset)
+    tasks, start = [], 0
+    for k, n in enumerate(counts):
+        chunk = [(e.sha, e.ss_path, e.slat_path, e.cond_path) for e in kept[start:start + n]]
+        tasks.append(ShardTask(index=k, num_rows=n * rows_per_asset, produce=trellis_rows,
+                               spec={"entries": chunk, "stages": stages, "cond_shape": cond_shape,
+                                     "views": views, "max_voxels": max_voxels}))
+        start += n
+    plan = BuildPlan(manifest=manifest, tasks=tasks, rows_per_group=max(1, ROW_GROUP_BYTES // nbytes))
+    return plan, report
+
+
+def import_trellis(root: str, out: str, *, workers: Optional[int] = None, use_ray: Optional[bool] = None,
+                   overwrite: bool = False, progress: bool = True, endpoint_url: Optional[str] = None,
+                   region: Optional[str] = None, **plan_kwargs: Any) -> tuple[Manifest, dict[str, Any]]:
+    plan, report = plan_import(root, **plan_kwargs)
+    if progress:
+        left_out = sum(report["filtered"].values())
+        print(f"TRELLIS import: {report['kept']} of {report['candidates']} assets kept, {left_out} left out"
+              + (f" ({', '.join(f'{k}: {v}' for k, v in report['filtered'].items())})" if left_out else ""),
+              file=sys.stderr)
+    manifest = run_plan(plan, out, workers=workers, use_ray=use_ray, overwrite=overwrite, progress=progress,
+                        endpoint_url=endpoint_url, region=region)
+    return manifest, report
