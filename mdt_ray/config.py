@@ -43,7 +43,6 @@ class ModelConfig(_Block):
     stage: Literal["ss", "slat"] = "ss"
     # Run the frozen teacher in bf16 on GPU (it never needs fp32 master weights).
     teacher_bf16: bool = True
-    compile: bool = False
 
     @field_validator("teacher")
     @classmethod
