@@ -44,7 +44,8 @@ def s3_server():
     """A moto S3 server on a free loopback port; AWS_* point at it for the whole session."""
     from mdt_ray.data.local_s3 import LocalS3, apply_env, restore_env
 
-    server = LocalS3(log_path=os.path.join(_ROOT, "moto.log")).start()
+    # moto imports a lot before it listens: allow for a machine busy with other jobs.
+    server = LocalS3(log_path=os.path.join(_ROOT, "moto.log"), start_timeout=120).start()
     old = apply_env(server.env())
     try:
         yield server.endpoint
@@ -80,13 +81,22 @@ def ray_local(s3_server):
     if ray.is_initialized():
         yield ray
         return
-    ray.init(
-        num_cpus=4,
-        # Train V2 polls the State API and warns every second without the dashboard.
-        include_dashboard=True,
-        logging_level=logging.WARNING,
-        configure_logging=True,
-    )
+    for attempt in range(3):
+        try:
+            ray.init(
+                num_cpus=4,
+                # Train V2 polls the State API and warns every second without the dashboard.
+                include_dashboard=True,
+                logging_level=logging.WARNING,
+                configure_logging=True,
+            )
+            break
+        except Exception as e:
+            # Ray 2.60 gives its raylet a fixed 30 s to register; on a 2-core machine busy with
+            # other jobs that is sometimes not enough. Another try usually is.
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            ray.shutdown()
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

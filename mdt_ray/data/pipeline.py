@@ -293,7 +293,7 @@ def make_dataset(
     lists, the shard path) and `torch_batches(..., manifest=m)` / `slat_batches(..., manifest=m)`
     validate and decode each batch in the consumer, with the same checks and messages. That
     drops one pipeline stage and its float32 round trip through the object store: on a
-    CPU-bound node it delivered ~35% more rows/s (docs/scaling.md).
+    CPU-bound node it delivered ~1.4-1.6x the rows/s (docs/scaling.md, section 4).
     """
     import ray
 
