@@ -44,11 +44,15 @@ def head(tmp_path_factory):
     """A head node in its own process group (`--block`), so the test stops exactly this cluster
     and not other Ray instances on the machine (`ray stop` would kill them all)."""
     log = tmp_path_factory.mktemp("head") / "head.log"
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, metrics, rt_env = (_free_port() for _ in range(6))
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{BIN}:{os.environ['PATH']}"}
     proc = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4", "--include-dashboard=true",
+         # Own agent ports: another local cluster (the session's ray.init) already holds the defaults,
+         # and a head whose job agent cannot bind answers "No available agent to submit job".
+         f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+         f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
          f"--temp-dir={os.environ['RAY_TMPDIR']}"],
         env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True,
     )
