@@ -234,15 +234,24 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
         tracking.end_run(tracking_uri, run_id, "FINISHED")
 
 
-def _close_stopped_children(uri: str, parent_run_id: str) -> None:
-    """Trials stopped early by ASHA are killed mid-run: close their MLflow runs as KILLED."""
+def _close_stopped_children(uri: str, parent_run_id: str, stopped: set[str]) -> None:
+    """Close the MLflow runs of trials the scheduler stopped early as KILLED.
+
+    A stopped trial ends in one of two ways (Ray 2.60): its actor is killed while the run is still
+    RUNNING, or ``trainer.fit()`` raises first and the trial marks its own run FAILED. Both are an
+    early stop, not a failure, so the trial ids Tune reports as stopped decide, not the run's state.
+    """
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri)
     exp_id = client.get_run(parent_run_id).info.experiment_id
     for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        if run.info.status == "RUNNING":
+        name = run.info.run_name or ""
+        was_stopped = any(name.endswith(t) for t in stopped)
+        if run.info.status == "RUNNING" or (was_stopped and run.info.status == "FAILED"):
             client.set_terminated(run.info.run_id, "KILLED")
+            if was_stopped:
+                client.set_tag(run.info.run_id, "mdt_ray.stopped_early", "true")
 
 
 def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
@@ -341,7 +350,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
             client.set_tag(parent, "best_checkpoint", str(best["checkpoint"]))
             for k, v in best["params"].items():
                 client.set_tag(parent, f"best.{k}", str(v))
-        _close_stopped_children(uri, parent)
+        _close_stopped_children(uri, parent, {t["trial"] for t in trials if t["status"] == "STOPPED"})
         tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
     return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
 
