@@ -97,9 +97,10 @@ def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
 
 
 def _epochs(shard, batch_size: int, device, start_epoch: int, skip: int, shuffle_buffer: int, seed: int,
-            stage: str = "ss") -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
+            stage: str = "ss", manifest=None) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
     """(epoch, index in epoch, batch) forever; the first `skip` batches of `start_epoch` are
-    read and dropped (resume), full batches only (drop_last), so every rank steps alike."""
+    read and dropped (resume), full batches only (drop_last), so every rank steps alike.
+    `manifest` is given when the rows arrive as stored (make_dataset(decode="collate"))."""
     from mdt_ray.data.pipeline import slat_batches, torch_batches
 
     batches_of = torch_batches if stage == "ss" else slat_batches
@@ -107,7 +108,8 @@ def _epochs(shard, batch_size: int, device, start_epoch: int, skip: int, shuffle
     while True:
         n = 0
         for i, batch in enumerate(batches_of(shard, batch_size, device=device, drop_last=True,
-                                             local_shuffle_buffer=shuffle_buffer, seed=seed + epoch)):
+                                             local_shuffle_buffer=shuffle_buffer, seed=seed + epoch,
+                                             manifest=manifest)):
             if epoch == start_epoch and i < skip:
                 continue
             n += 1
@@ -182,7 +184,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         if world > 1 else student
     shard = ray.train.get_dataset_shard("train")
     batches = _epochs(shard, tc.batch_size, device, epoch, skip, cfg.data.shuffle_buffer if cfg.data.shuffle else 0,
-                      tc.seed * 1000 + rank, cfg.model.stage)
+                      tc.seed * 1000 + rank, cfg.model.stage, loop_config.get("manifest"))
 
     logger = None
     if rank == 0 and run_id and tracking_uri:
