@@ -1,4 +1,4 @@
-"""The `mdt-ray` command: corpus, distill, sweep, eval, bench."""
+"""The `mdt-ray` command: corpus, distill, sweep, eval, pretrain-teacher, pretrain-slat-teacher."""
 
 from __future__ import annotations
 
@@ -25,6 +25,24 @@ def main(argv=None) -> int:
     p = sub.add_parser("sweep", help="Ray Tune sweep over config keys (λ, Δt, ...)")
     tune_command.add_arguments(p)
     p.set_defaults(func=tune_command.run)
+
+    from mdt_ray import evaluate
+
+    p = sub.add_parser("eval", help="few-step quality and speed-up of a checkpoint vs its teacher")
+    evaluate.add_arguments(p)
+    p.set_defaults(func=evaluate.run_command)
+
+    from mdt_ray import pretrain
+
+    p = sub.add_parser("pretrain-teacher", help="flow-matching pre-training of the small benchmark teacher")
+    pretrain.add_arguments(p)
+    p.set_defaults(func=pretrain.run)
+
+    from mdt_ray import pretrain_slat
+
+    p = sub.add_parser("pretrain-slat-teacher", help="flow-matching pre-training of a small stage-2 (SLAT) teacher")
+    pretrain.add_arguments(p)
+    p.set_defaults(func=pretrain_slat.run, out="runs/slat-teacher")
 
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)

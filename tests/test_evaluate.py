@@ -1,0 +1,192 @@
+"""`mdt-ray eval` end to end on a tiny checkpoint, the latency/speed-up bookkeeping, and the
+checkpoint resolution of the command (hand-made metric cases live in tests/test_metrics.py)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from mdt_ray import evaluate
+from mdt_ray.data.corpus import build_synthetic
+from mdt_ray.models import build_model, export_trellis
+
+REPO = Path(__file__).resolve().parents[1]
+METRIC_KEYS = {"fd", "iou", "cov", "mmd", "nna", "latency_s", "speedup", "nfe"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 16-asset held-out corpus and an exported ss-tiny model whose zero-initialised layers are
+    perturbed, so that it predicts a non-zero velocity field (a freshly built model predicts 0)."""
+    root = tmp_path_factory.mktemp("eval")
+    build_synthetic(str(root / "held"), 16, seed=1, progress=False)
+    torch.manual_seed(0)
+    model = build_model("ss-tiny")
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    json_path, _ = export_trellis(model, root / "ckpt", "tiny")
+    return root, json_path
+
+
+def _args(root, json_path, *extra):
+    return [str(json_path), "--teacher", str(json_path), "--data", str(root / "held"), "--assets", "16",
+            "--latency-batch", "4", "--latency-repeats", "1", "--threads", "1",
+            "--set", f"tracking.uri=sqlite:///{root}/mlflow.db", *extra]
+
+
+def test_eval_end_to_end_writes_json_png_and_mlflow(tiny, tmp_path):
+    root, json_path = tiny
+    out, report = tmp_path / "out", tmp_path / "report.json"
+    rc = evaluate.main(_args(root, json_path, "--steps", "1", "2", "--out", str(out), "--json", str(report)))
+    assert rc == 0
+    result = json.loads(report.read_text())
+    assert set(result["steps"]) == {"1", "2"}
+    for entry in [*result["steps"].values(), result["teacher"]]:
+        assert METRIC_KEYS <= set(entry), entry
+        assert all(np.isfinite(entry[k]) for k in METRIC_KEYS)
+        assert 0.0 <= entry["iou"] <= 1.0 and 0.0 <= entry["nna"] <= 1.0 and entry["latency_s"] > 0
+    assert result["steps"]["1"]["nfe"] == 1 and result["steps"]["2"]["nfe"] == 2
+    # TRELLIS's stage-1 sampler: 25 steps, guidance on [0.5, 1] with rescale_t 3 -> 19 guided steps.
+    assert result["teacher"]["nfe"] == 44 and result["teacher"]["speedup"] == pytest.approx(1.0)
+    assert result["settings"]["assets"] == 16
+
+    from PIL import Image
+
+    png = out / "renders.png"
+    with Image.open(png) as img:
+        img.verify()
+    with Image.open(png) as img:
+        # rows: ground truth, teacher, 1 step, 2 steps; columns: the first 8 assets
+        assert img.format == "PNG" and img.size == evaluate.grid_size(4, 8)
+    assert (out / "eval.json").is_file() and "teacher 25" in (out / "table.txt").read_text()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{root}/mlflow.db")
+    run = client.get_run(result["mlflow_run_id"])
+    assert run.data.metrics["eval_fd_1step"] == pytest.approx(result["steps"]["1"]["fd"])
+    assert run.data.metrics["eval_teacher_speedup"] == pytest.approx(1.0)
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
+        "eval/eval.json", "eval/renders.png", "eval/table.txt"}
+
+
+class _Clocked(torch.nn.Module):
+    """A network whose cost is a fixed time per input row, paid on a fake clock: the bookkeeping
+    is checked exactly, whatever else the machine is doing."""
+
+    def __init__(self, clock: list, per_row_s: float):
+        super().__init__()
+        self.clock, self.per_row_s, self.rows = clock, per_row_s, 0
+
+    def forward(self, x, t, cond):
+        self.rows += x.shape[0]
+        self.clock[0] += self.per_row_s * x.shape[0]
+        return torch.zeros_like(x)
+
+
+def test_latency_and_speedup_bookkeeping(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+    model = _Clocked(clock, 1e-3)
+    cond = torch.zeros(2, 4, 8)
+    entries = {"teacher": (model, 25, evaluate.TEACHER_SAMPLER), "1": (model, 1, evaluate.STUDENT_SAMPLER),
+               "2": (model, 2, evaluate.STUDENT_SAMPLER)}
+    lat = evaluate.measure_latency(entries, cond, latent_shape=(1, 4, 4, 4), repeats=2)
+    # Per sample: the teacher runs 44 rows for each of its inputs (19 guided steps twice, 6 once).
+    assert lat == pytest.approx({"teacher": 44e-3, "1": 1e-3, "2": 2e-3})
+    # One warm-up round plus two timed rounds, each sampling a batch of 2.
+    assert model.rows == 3 * 2 * (44 + 1 + 2)
+    ups = evaluate.speedups(lat, "teacher")
+    assert ups == pytest.approx({"teacher": 1.0, "1": 44.0, "2": 22.0})
+    assert evaluate.sampler_nfe(25, evaluate.TEACHER_SAMPLER) == 44
+    with pytest.raises(KeyError, match="reference 'nope'"):
+        evaluate.speedups(lat, "nope")
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        evaluate.measure_latency(entries, cond, latent_shape=(1, 4, 4, 4), repeats=0)
+
+    # The fastest round counts: a round slowed by other work does not inflate the estimate.
+    slow_once = {"n": 0}
+
+    def jittery(x, t, c):
+        slow_once["n"] += 1
+        clock[0] += 1e-3 * x.shape[0] + (0.5 if slow_once["n"] == 2 else 0.0)
+        return torch.zeros_like(x)
+
+    lat2 = evaluate.measure_latency({"1": (jittery, 1, evaluate.STUDENT_SAMPLER)}, cond,
+                                    latent_shape=(1, 4, 4, 4), repeats=3)
+    assert lat2["1"] == pytest.approx(1e-3)
+
+    flat = evaluate.flat_metrics({"steps": {"1": {"fd": 2.0, "speedup": 40.0}}, "teacher": {"fd": 1.0}})
+    assert flat == {"eval_fd_1step": 2.0, "eval_speedup_1step": 40.0, "eval_teacher_fd": 1.0}
+
+
+def test_cli_resolves_run_checkpoints_and_reports_errors(tiny, tmp_path, capsys):
+    from mdt_ray.cli import main as cli_main
+
+    root, json_path = tiny
+    # A run dir as the distillation job leaves it: checkpoint_*/trellis/<name>.json + state.json
+    # naming the teacher; the latest checkpoint is picked and its teacher used.
+    run = tmp_path / "runs" / "r1"
+    for step in (2, 4):
+        ck = run / f"checkpoint_{step:08d}"
+        export_trellis(build_model("ss-tiny"), ck / "trellis", f"r1_student_{step}")
+        (ck / "state.json").write_text(json.dumps({"config": {"model": {"teacher": str(json_path)}}}))
+    resolved = evaluate.resolve_model_path(run)
+    assert resolved.name == "r1_student_4.json"
+    assert evaluate.run_teacher_of(resolved) == str(json_path)
+
+    report = tmp_path / "r.json"
+    rc = cli_main(["eval", str(run), "--data", str(root / "held"), "--assets", "8", "--steps", "1",
+                   "--teacher-steps", "2", "--latency-repeats", "1", "--threads", "1", "--json", str(report),
+                   "--out", str(tmp_path / "out"), "--set", "tracking.enabled=false"])
+    assert rc == 0
+    result = json.loads(report.read_text())
+    assert result["checkpoint"].endswith("r1_student_4.json") and result["teacher_checkpoint"] == str(json_path)
+    assert "checkpoint 1 step" in capsys.readouterr().out
+
+    assert cli_main(["eval", str(tmp_path / "missing"), "--data", str(root / "held")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    assert cli_main(["eval", str(json_path), "--data", str(root / "held"), "--teacher", "ss-demo"]) == 1
+    assert "without trained weights" in capsys.readouterr().err
+    assert cli_main(["eval", str(json_path), "--set", "tracking.enabled=false"]) == 1
+    assert "no held-out corpus" in capsys.readouterr().err
+
+
+def test_packaged_teacher_resolves_from_any_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = evaluate.resolve_model_path(evaluate.PACKAGED_TEACHER)
+    assert path.is_file() and path.with_suffix(".safetensors").is_file()
+
+
+def test_job_entry_point_runs():
+    out = subprocess.run([sys.executable, str(REPO / "jobs/evaluate.py"), "--help"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "--teacher" in out.stdout
+
+
+def test_pretrain_teacher_trains_exports_and_scores(tiny, tmp_path):
+    from mdt_ray import pretrain
+    from mdt_ray.models import load_trellis
+
+    root, _ = tiny
+    cfg = pretrain.load_pretrain_config(None, [
+        "model.teacher=ss-tiny", "train.steps=6", "train.batch_size=4", "train.log_every=3", "train.eval_assets=8",
+        f"data.uri={root / 'held'}", f"data.eval_uri={root / 'held'}", f"tracking.uri=sqlite:///{tmp_path}/m.db"])
+    lines = []
+    summary = pretrain.pretrain(cfg, str(tmp_path / "out"), "t", eval_steps=2, log=lines.append)
+    model = load_trellis(summary["json"])
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]
+    assert np.isfinite(summary["final_loss"]) and summary["eval"]["assets"] == 8
+    assert {"guided_fd", "unguided_iou", "guided_nna"} <= set(summary["eval"])
+    assert any("step 6/6" in line for line in lines)
+    # The learning rate warms up from near 0 and ends at FINAL_LR_FRAC of the base.
+    assert pretrain.lr_at(0, 100, 1.0) < 0.5 and pretrain.lr_at(99, 100, 1.0) == pytest.approx(
+        pretrain.FINAL_LR_FRAC, abs=1e-3)
+    with pytest.raises(pretrain.ConfigError, match="distill.method"):
+        pretrain.load_pretrain_config(None, ["distill.method=mdt"])

@@ -1,0 +1,124 @@
+"""`mdt-ray eval` on a stage-2 (SLAT) checkpoint end to end, its latency/speed-up bookkeeping,
+the missing-teacher error, and a few steps of stage-2 teacher pre-training."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from mdt_ray import evaluate_slat
+from mdt_ray.cli import main as cli_main
+from mdt_ray.data.corpus import build_synthetic
+from mdt_ray.flow import num_function_evals
+from mdt_ray.models import build_model, export_trellis
+
+KEYS = {"feat_mse", "fd", "nfe", "latency_s", "speedup"}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 6-asset held-out corpus and an exported slat-tiny whose zero-initialised layers are
+    perturbed (a freshly built model predicts a zero velocity, so every sampler would agree)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("eval_slat")
+    build_synthetic(str(root / "held"), 6, seed=1, progress=False, use_ray=False)
+    torch.manual_seed(0)
+    model = build_model("slat-tiny", resolution=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(0.0, 0.02)
+    json_path, _ = export_trellis(model, root / "ckpt", "slat")
+    return root, json_path
+
+
+def test_slat_eval_end_to_end(tiny, tmp_path, capsys):
+    root, json_path = tiny
+    report = tmp_path / "report.json"
+    rc = cli_main(["eval", str(json_path), "--teacher", str(json_path), "--data", str(root / "held"),
+                   "--assets", "6", "--steps", "1", "2", "--teacher-steps", "8", "--latency-batch", "3", "--latency-repeats", "1",
+                   "--threads", "1", "--out", str(tmp_path / "out"), "--json", str(report),
+                   "--set", "tracking.enabled=false"])
+    assert rc == 0
+    result = json.loads(report.read_text())
+    assert set(result["steps"]) == {"1", "2"} and "render" not in result
+    entries = [*result["steps"].values(), result["teacher"]]
+    for entry in entries:
+        assert KEYS <= set(entry), entry
+        assert all(np.isfinite(entry[k]) for k in KEYS) and entry["latency_s"] > 0 and entry["feat_mse"] > 0
+    assert result["steps"]["1"]["nfe"] == 1 and result["steps"]["2"]["nfe"] == 2
+    # 8 of TRELLIS's stage-2 steps (guidance on [0.5, 1], rescale_t 3) keep the test short; the
+    # 25-step count (44 NFE) is checked on the fake clock below.
+    assert result["teacher"]["nfe"] == num_function_evals(8, 1.0, (0.5, 1.0), 3.0) > 8
+    assert result["teacher"]["steps"] == 8
+    teacher_latency = result["teacher"]["latency_s"]
+    for entry in entries:
+        assert entry["speedup"] == pytest.approx(teacher_latency / entry["latency_s"])
+    s = result["settings"]
+    assert s["stage"] == "slat" and s["assets"] == 6 and s["latency_batch"] == 3 and s["teacher_sampler"]["steps"] == 8
+    out = capsys.readouterr().out
+    assert "no renders" in out and "feat MSE" in (tmp_path / "out" / "table.txt").read_text()
+    flat = evaluate_slat.flat_slat_metrics(result)
+    assert flat["eval_feat_mse_1step"] == result["steps"]["1"]["feat_mse"] and flat["eval_teacher_speedup"] == 1.0
+
+
+def test_slat_eval_needs_a_stage2_teacher(tiny, capsys):
+    root, json_path = tiny
+    base = ["eval", str(json_path), "--data", str(root / "held"), "--assets", "2", "--steps", "1",
+            "--set", "tracking.enabled=false"]
+    assert cli_main(base) == 1
+    assert "pass --teacher" in capsys.readouterr().err
+    assert cli_main([*base, "--teacher", "mdt_ray/assets/teacher_ss_demo.json"]) == 1
+    assert "not a stage-2 SLatFlowModel" in capsys.readouterr().err
+    assert evaluate_slat.checkpoint_stage(json_path) == "slat"
+
+
+class _Clocked(torch.nn.Module):
+    """A network costing a fixed time per sample on a fake clock, so the timing is exact."""
+
+    def __init__(self, clock: list):
+        super().__init__()
+        self.clock = clock
+
+    def forward(self, x, t, cond):
+        self.clock[0] += 1e-3 * x.batch_size
+        return x.replace(torch.zeros_like(x.feats))
+
+
+def test_sparse_latency_bookkeeping(monkeypatch):
+    from mdt_ray.evaluate import STUDENT_SAMPLER, speedups
+    from mdt_ray.models.sparse import SparseBatch
+
+    clock = [0.0]
+    monkeypatch.setattr(evaluate_slat.time, "perf_counter", lambda: clock[0])
+    model = _Clocked(clock)
+    x = SparseBatch.from_list([torch.zeros(3, 3, dtype=torch.int32), torch.ones(5, 3, dtype=torch.int32)],
+                              [torch.zeros(3, 8), torch.zeros(5, 8)])
+    entries = {"teacher": (model, 25, evaluate_slat.SLAT_TEACHER_SAMPLER), "1": (model, 1, STUDENT_SAMPLER)}
+    lat = evaluate_slat.measure_latency_sparse(entries, x, torch.zeros(2, 4, 64), repeats=2)
+    assert lat == pytest.approx({"teacher": 44e-3, "1": 1e-3})
+    assert speedups(lat, "teacher") == pytest.approx({"teacher": 1.0, "1": 44.0})
+    with pytest.raises(ValueError, match="repeats must be >= 1"):
+        evaluate_slat.measure_latency_sparse(entries, x, torch.zeros(2, 4, 64), repeats=0)
+
+
+def test_pretrain_slat_smoke(tiny, tmp_path):
+    from mdt_ray import pretrain_slat
+    from mdt_ray.models import load_trellis
+    from mdt_ray.models.slat_flow import SLatFlowModel
+
+    root, _ = tiny
+    held = str(root / "held")
+    cfg = pretrain_slat.load_slat_pretrain_config(None, [
+        "train.steps=3", "train.batch_size=2", "train.log_every=1", "train.eval_assets=2",
+        f"data.uri={held}", f"data.eval_uri={held}", "tracking.enabled=false"])
+    lines = []
+    summary = pretrain_slat.pretrain_slat(cfg, str(tmp_path), "t", eval_steps=2, log=lines.append)
+    model = load_trellis(summary["json"])
+    assert isinstance(model, SLatFlowModel) and model.resolution == 32
+    assert sum(p.numel() for p in model.parameters()) == summary["params"] and np.isfinite(summary["final_loss"])
+    assert {"guided_feat_mse", "guided_fd", "unguided_feat_mse"} <= set(summary["eval"])
+    assert any("step 3/3" in line for line in lines)
+    with pytest.raises(pretrain_slat.ConfigError, match="model.stage"):
+        pretrain_slat.load_slat_pretrain_config(None, ["model.stage=ss"])
