@@ -244,6 +244,7 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--steps", type=int, default=None, help="distillation steps (default: full 300, quick 6)")
     p.add_argument("--batch", type=int, default=None)
     p.add_argument("--test-assets", type=int, default=None, help="held-out assets scored (full 256, quick 16)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate for every method run (default: TUNED)")
     p.add_argument("--latency-batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -325,7 +326,7 @@ def run_benchmark(teacher, teacher_path, train, settings, args, log) -> dict[str
 
     for method in args.methods:
         label, _ = METHODS[method]
-        knobs = TUNED[method]
+        knobs = {**TUNED[method], **({"lr": args.lr} if args.lr is not None else {})}
         dc = distill_config(method, knobs["cfg"])
         log(f"[bench] {label}: {settings['steps']} steps × batch {settings['batch']}, lr {knobs['lr']:g}, "
             f"cfg {knobs['cfg']:g}")
