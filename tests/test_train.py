@@ -133,7 +133,8 @@ def test_tiny_stage2_distillation_through_ray_train(ray_local, local_corpus, tmp
                "train.eval_steps=[1, 2]", "run.name=slat")
     out = distill(cfg)
     assert out.metrics["step"] == 4
-    assert {"loss_vm", "loss_vd", "eval_feat_mse_1step", "eval_feat_mse_2step"} <= set(out.metrics)
+    assert {"loss_vm", "loss_vd", "eval_feat_mse_1step", "eval_feat_mse_2step", "eval_fd_1step"} <= set(out.metrics)
+    assert out.metrics["eval_fd_1step"] >= 0
     student = load_trellis(Path(out.checkpoint) / "trellis" / "slat_student.json")
     assert type(student).__name__ == "SLatFlowModel"
 

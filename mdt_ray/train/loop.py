@@ -349,9 +349,13 @@ def _evaluate(student, ema, eval_data, steps, device) -> dict[str, float]:
 
 @torch.no_grad()
 def _evaluate_slat(model, data, steps, device) -> dict[str, float]:
-    """Stage 2 samples features on given voxels; score the mean squared error (in normalised
-    units) against the held-out asset's own features: {"eval_feat_mse_<k>step": ...}."""
+    """Stage 2 samples features on given voxels; scored in normalised units by the mean squared
+    error against the held-out asset's own features ("eval_feat_mse_<k>step") and the Fréchet
+    distance of the per-voxel feature distributions ("eval_fd_<k>step", the name stage 1 uses,
+    so a sweep's default metric serves both stages). A mean-like prediction lowers the MSE; the
+    FD is what catches the lost spread (docs/benchmark.md), so it is the one to select on."""
     from mdt_ray.flow import sample
+    from mdt_ray.metrics import frechet_distance
     from mdt_ray.models.sparse import SparseBatch
 
     coords = [torch.as_tensor(c, device=device) for c in data["slat_coords"]]
@@ -366,6 +370,7 @@ def _evaluate_slat(model, data, steps, device) -> dict[str, float]:
     for k in steps:
         x = sample(model, noise, cond, steps=k)
         out[f"eval_feat_mse_{k}step"] = float((x.feats - target.feats).pow(2).mean())
+        out[f"eval_fd_{k}step"] = frechet_distance(x.feats.float().cpu(), target.feats.float().cpu())
     model.train(was)
     return out
 
