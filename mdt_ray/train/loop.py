@@ -142,10 +142,24 @@ def _say(line: str) -> None:
     sys.stdout.flush()
 
 
+def _quiet_report_log() -> None:
+    """Ray 2.60's worker context logs every `ray.train.report` at INFO with the whole metrics dict
+    (a ~1 kB line per report, per worker); our own progress line already says it. Its logger is
+    named after the module's file path, so it is looked up through the module."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray version: leave its logging alone
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    _quiet_report_log()
     cfg = Config.model_validate(loop_config["config"])
     run_id: Optional[str] = loop_config.get("mlflow_run_id")
     tracking_uri: Optional[str] = loop_config.get("tracking_uri")
