@@ -8,7 +8,6 @@ start over an existing run unless asked to resume, so two different runs never m
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 from dataclasses import dataclass
