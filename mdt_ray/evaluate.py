@@ -316,15 +316,21 @@ def _fmt_scores(scores: dict[str, float]) -> str:
     return " ".join(f"{k}={scores[k]:.4g}" for k in METRICS if k in scores)
 
 
-def format_table(result: dict[str, Any]) -> str:
-    """The report as a fixed-width text table, teacher first."""
-    head = f"{'sampler':<22}{'NFE':>5}{'FD':>10}{'IoU':>8}{'COV':>8}{'MMD':>8}{'1-NNA':>8}{'ms/sample':>11}{'speed-up':>10}"
+# The quality columns of the stage-1 table: (result key, header, width, format).
+SS_COLUMNS: tuple[tuple[str, str, int, str], ...] = (
+    ("fd", "FD", 10, ".3f"), ("iou", "IoU", 8, ".3f"), ("cov", "COV", 8, ".3f"), ("mmd", "MMD", 8, ".3f"),
+    ("nna", "1-NNA", 8, ".3f"))
+
+
+def format_table(result: dict[str, Any], columns: Sequence[tuple[str, str, int, str]] = SS_COLUMNS) -> str:
+    """The report as a fixed-width text table, teacher first; `columns` picks the quality metrics."""
+    head = (f"{'sampler':<22}{'NFE':>5}" + "".join(f"{title:>{width}}" for _, title, width, _ in columns)
+            + f"{'ms/sample':>11}{'speed-up':>10}")
     lines = [head, "-" * len(head)]
 
     def row(label: str, e: dict[str, Any]) -> str:
         cells = [f"{label:<22}", f"{e.get('nfe', 0):>5d}"]
-        for key, width, fmt in (("fd", 10, ".3f"), ("iou", 8, ".3f"), ("cov", 8, ".3f"), ("mmd", 8, ".3f"),
-                                ("nna", 8, ".3f")):
+        for key, _, width, fmt in columns:
             cells.append(f"{e[key]:>{width}{fmt}}" if key in e else f"{'-':>{width}}")
         cells.append(f"{e['latency_s'] * 1e3:>11.2f}" if "latency_s" in e else f"{'-':>11}")
         cells.append(f"{e['speedup']:>9.1f}x" if "speedup" in e else f"{'-':>10}")
@@ -339,10 +345,10 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def flat_metrics(result: dict[str, Any]) -> dict[str, float]:
+def flat_metrics(result: dict[str, Any], names: Sequence[str] = METRICS) -> dict[str, float]:
     """MLflow metric names: eval_<metric>_<k>step (quick_eval's names) and eval_teacher_<metric>."""
     out: dict[str, float] = {}
-    keys = METRICS + ("latency_s", "speedup", "nfe")
+    keys = tuple(names) + ("latency_s", "speedup", "nfe")
     for k, e in result["steps"].items():
         out.update({f"eval_{m}_{k}step": float(e[m]) for m in keys if m in e})
     if result.get("teacher"):
@@ -461,7 +467,7 @@ def run_command(args) -> int:
 def _run(args, cfg) -> tuple[dict[str, Any], Path]:
     from mdt_ray.data.pipeline import load_local
     from mdt_ray.data.schema import read_manifest
-    from mdt_ray.evaluate_slat import checkpoint_stage, evaluate_slat_model, format_slat_table, log_slat_metrics
+    from mdt_ray.evaluate_slat import checkpoint_stage, evaluate_slat_model, format_slat_table
     from mdt_ray.models import NAMED_CONFIGS, load_trellis
 
     if args.threads is not None:
@@ -539,8 +545,6 @@ def _run(args, cfg) -> tuple[dict[str, Any], Path]:
         Path(args.json_path).write_text(json.dumps(result, indent=1))
     if cfg.tracking.enabled:
         result["mlflow_uri"], result["mlflow_run_id"] = _log_mlflow(result, cfg, out_dir, args.run_id, ckpt)
-        if stage == "slat":
-            log_slat_metrics(result)
         (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
         if args.json_path:
             Path(args.json_path).write_text(json.dumps(result, indent=1))
@@ -561,7 +565,12 @@ def _log_mlflow(result: dict[str, Any], cfg, out_dir: Path, run_id: Optional[str
         params.update({f"eval.teacher_sampler.{k}": v for k, v in (s["teacher_sampler"] or {}).items()})
         run_id = start_run(uri, cfg.tracking.experiment, f"eval-{ckpt.stem}", params, tags={"kind": "eval"})
     logger = RunLogger(uri, run_id)
-    logger.log_metrics(flat_metrics(result), step=0)
+    if (result.get("settings") or {}).get("stage") == "slat":
+        from mdt_ray.evaluate_slat import SLAT_METRICS
+
+        logger.log_metrics(flat_metrics(result, SLAT_METRICS), step=0)
+    else:
+        logger.log_metrics(flat_metrics(result), step=0)
     for name in ("eval.json", "table.txt", "renders.png"):
         if (out_dir / name).is_file():
             logger.log_artifact(out_dir / name, "eval")

@@ -30,6 +30,8 @@ from mdt_ray.evaluate import (
     _jsonable,
     _sample_kwargs,
     _sync,
+    flat_metrics,
+    format_table,
     sampler_nfe,
     speedups,
 )
@@ -42,6 +44,7 @@ from mdt_ray.models.sparse import SparseBatch
 # velocities) at the strength the stage-1 benchmark teacher settled on after its guidance sweep.
 SLAT_TEACHER_SAMPLER: dict[str, Any] = {**TEACHER_SAMPLER, "cfg_strength": 1.0}
 SLAT_METRICS = ("feat_mse", "fd")
+SLAT_COLUMNS = (("feat_mse", "feat MSE", 10, ".4f"), ("fd", "FD", 10, ".4f"))
 STAGE_OF_CLASS = {"SparseStructureFlowModel": "ss", "SLatFlowModel": "slat", "ElasticSLatFlowModel": "slat"}
 
 
@@ -210,39 +213,9 @@ def evaluate_slat_model(
 
 def format_slat_table(result: dict[str, Any]) -> str:
     """The stage-2 report as a fixed-width text table, teacher first."""
-    head = f"{'sampler':<22}{'NFE':>5}{'feat MSE':>10}{'FD':>10}{'ms/sample':>11}{'speed-up':>10}"
-    lines = [head, "-" * len(head)]
-
-    def row(label: str, e: dict[str, Any]) -> str:
-        cells = [f"{label:<22}{e.get('nfe', 0):>5d}"]
-        cells += [f"{e[key]:>10.4f}" if key in e else f"{'-':>10}" for key in SLAT_METRICS]
-        cells.append(f"{e['latency_s'] * 1e3:>11.2f}" if "latency_s" in e else f"{'-':>11}")
-        cells.append(f"{e['speedup']:>9.1f}x" if "speedup" in e else f"{'-':>10}")
-        return "".join(cells)
-
-    if result.get("teacher"):
-        t = result["teacher"]
-        w = (result.get("settings") or {}).get("teacher_sampler") or {}
-        lines.append(row(f"teacher {t.get('steps', '')} (cfg {w.get('cfg_strength', '?')})", t))
-    for k, e in result["steps"].items():
-        lines.append(row(f"checkpoint {k} step" + ("s" if int(k) > 1 else ""), e))
-    return "\n".join(lines)
+    return format_table(result, SLAT_COLUMNS)
 
 
 def flat_slat_metrics(result: dict[str, Any]) -> dict[str, float]:
     """MLflow names as in mdt_ray.evaluate.flat_metrics: eval_<metric>_<k>step, eval_teacher_<metric>."""
-    keys = SLAT_METRICS + ("latency_s", "speedup", "nfe")
-    out: dict[str, float] = {}
-    for k, e in result["steps"].items():
-        out.update({f"eval_{m}_{k}step": float(e[m]) for m in keys if m in e})
-    if result.get("teacher"):
-        out.update({f"eval_teacher_{m}": float(result["teacher"][m]) for m in keys if m in result["teacher"]})
-    return out
-
-
-def log_slat_metrics(result: dict[str, Any]) -> None:
-    """Adds feat_mse (which mdt_ray.evaluate.flat_metrics does not know) to the run that
-    `mdt-ray eval` logged the rest of the report into."""
-    from mdt_ray.tracking import RunLogger
-
-    RunLogger(result.get("mlflow_uri"), result.get("mlflow_run_id")).log_metrics(flat_slat_metrics(result), step=0)
+    return flat_metrics(result, SLAT_METRICS)

@@ -39,7 +39,7 @@ def test_slat_eval_end_to_end(tiny, tmp_path, capsys):
     rc = cli_main(["eval", str(json_path), "--teacher", str(json_path), "--data", str(root / "held"),
                    "--assets", "6", "--steps", "1", "2", "--teacher-steps", "8", "--latency-batch", "3", "--latency-repeats", "1",
                    "--threads", "1", "--out", str(tmp_path / "out"), "--json", str(report),
-                   "--set", "tracking.enabled=false"])
+                   "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert rc == 0
     result = json.loads(report.read_text())
     assert set(result["steps"]) == {"1", "2"} and "render" not in result
@@ -61,6 +61,12 @@ def test_slat_eval_end_to_end(tiny, tmp_path, capsys):
     assert "no renders" in out and "feat MSE" in (tmp_path / "out" / "table.txt").read_text()
     flat = evaluate_slat.flat_slat_metrics(result)
     assert flat["eval_feat_mse_1step"] == result["steps"]["1"]["feat_mse"] and flat["eval_teacher_speedup"] == 1.0
+
+    from mlflow.tracking import MlflowClient
+
+    logged = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(result["mlflow_run_id"]).data.metrics
+    assert logged["eval_feat_mse_2step"] == pytest.approx(result["steps"]["2"]["feat_mse"])
+    assert logged["eval_fd_1step"] == pytest.approx(result["steps"]["1"]["fd"]) and "eval_iou_1step" not in logged
 
 
 def test_slat_eval_needs_a_stage2_teacher(tiny, capsys):
