@@ -135,9 +135,10 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_latency(entries: dict[str, tuple[torch.nn.Module, int, dict[str, Any]]], cond: torch.Tensor, *,
-                    latent_shape: Sequence[int] = (8, 16, 16, 16), repeats: int = 3, seed: int = 0
-                    ) -> dict[str, float]:
-    """Seconds per sample of each (model, steps, sampler), one batch of `cond` at a time.
+                    latent_shape: Sequence[int] = (8, 16, 16, 16), repeats: int = 3, seed: int = 0,
+                    noise: Any = None) -> dict[str, float]:
+    """Seconds per sample of each (model, steps, sampler), one batch of `cond` at a time, from
+    `noise` (seeded Gaussian of `latent_shape` when None; a SparseBatch for stage 2).
 
     Every entry is timed once per round, round after round (interleaved), after one untimed
     warm-up call each, and the fastest round counts: on a shared machine the minimum is the
@@ -146,8 +147,9 @@ def measure_latency(entries: dict[str, tuple[torch.nn.Module, int, dict[str, Any
     if repeats < 1:
         raise ValueError(f"latency repeats must be >= 1, got {repeats}")
     device = cond.device
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    noise = torch.randn(cond.shape[0], *latent_shape, generator=g).to(device)
+    if noise is None:
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn(cond.shape[0], *latent_shape, generator=g).to(device)
     neg = torch.zeros_like(cond)
     best = {name: float("inf") for name in entries}
     for round_ in range(repeats + 1):

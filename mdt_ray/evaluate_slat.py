@@ -29,9 +29,9 @@ from mdt_ray.evaluate import (
     TEACHER_SAMPLER,
     _jsonable,
     _sample_kwargs,
-    _sync,
     flat_metrics,
     format_table,
+    measure_latency,
     sampler_nfe,
     speedups,
 )
@@ -111,26 +111,10 @@ def score_slat(generated: np.ndarray, reference: np.ndarray) -> dict[str, float]
             "fd": metrics.frechet_distance(generated, reference)}
 
 
-@torch.no_grad()
 def measure_latency_sparse(entries: dict[str, tuple[torch.nn.Module, int, dict[str, Any]]], noise: SparseBatch,
                            cond: torch.Tensor, *, repeats: int = 3) -> dict[str, float]:
-    """Seconds per sample of each (model, steps, sampler) on one sparse batch: the protocol of
-    mdt_ray.evaluate.measure_latency (one warm-up round, interleaved rounds, fastest counts),
-    whose noise is dense and so cannot carry stage 2's per-asset voxel sets."""
-    if repeats < 1:
-        raise ValueError(f"latency repeats must be >= 1, got {repeats}")
-    device = cond.device
-    neg = torch.zeros_like(cond)
-    best = {name: float("inf") for name in entries}
-    for round_ in range(repeats + 1):
-        for name, (model, steps, sampler) in entries.items():
-            _sync(device)
-            start = time.perf_counter()
-            flow.sample(model, noise, cond, neg, steps=steps, **_sample_kwargs(sampler))
-            _sync(device)
-            if round_ > 0:
-                best[name] = min(best[name], (time.perf_counter() - start) / noise.batch_size)
-    return best
+    """mdt_ray.evaluate.measure_latency on one sparse batch (stage 2's per-asset voxel sets)."""
+    return measure_latency(entries, cond, repeats=repeats, noise=noise)
 
 
 def require_slat(model: torch.nn.Module, what: str) -> None:
