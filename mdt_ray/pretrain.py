@@ -281,9 +281,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "busy with other work, 1 is faster than 2: idle BLAS threads spin-wait")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, *, load_config=None, train=None) -> int:
+    """The command: stage 1 by default; mdt_ray.pretrain_slat passes its own config loader and loop."""
+    load_config, train = load_config or load_pretrain_config, train or pretrain
     try:
-        cfg = load_pretrain_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -294,9 +296,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
         torch.set_num_threads(args.threads)
     try:
-        pretrain(cfg, args.out, name, eval_steps=args.eval_steps, snapshot_every=args.snapshot_every,
-                 log=lambda m: print(m, flush=True))
-    except (FileNotFoundError, ValueError, FloatingPointError) as e:
+        train(cfg, args.out, name, eval_steps=args.eval_steps, snapshot_every=args.snapshot_every,
+              log=lambda m: print(m, flush=True))
+    except (FileNotFoundError, ValueError, FloatingPointError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

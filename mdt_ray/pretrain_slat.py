@@ -26,6 +26,7 @@ import torch
 
 from mdt_ray.config import Config, ConfigError, apply_overrides, from_dict
 from mdt_ray.pretrain import PRETRAIN_DEFAULTS, _ema_copy, _fmt_time, _merge, _start_tracking, add_arguments, lr_at
+from mdt_ray.pretrain import run as pretrain_run
 
 # The stage-1 recipe with the stage-2 model. slat-tiny (0.46M parameters) is the size a 2-core
 # CPU trains in minutes; batch 8 holds ~4,000 voxels.
@@ -184,20 +185,7 @@ def eval_slat_teacher(model: torch.nn.Module, uri: str, assets: int, steps: int,
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        cfg = load_slat_pretrain_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.threads is not None:
-        torch.set_num_threads(max(1, args.threads))
-    try:
-        pretrain_slat(cfg, args.out, args.name or cfg.run.name, eval_steps=args.eval_steps,
-                      snapshot_every=args.snapshot_every, log=lambda m: print(m, flush=True))
-    except (FileNotFoundError, ValueError, FloatingPointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return pretrain_run(args, load_config=load_slat_pretrain_config, train=pretrain_slat)
 
 
 def main(argv=None) -> int:
