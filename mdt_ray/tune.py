@@ -31,6 +31,7 @@ import copy
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -209,7 +210,7 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
     trial_tree = copy.deepcopy(tree)
     for key, value in params.items():
         trial_tree = _dotted_set(trial_tree, key, value)
-    trial_name = tune.get_context().get_trial_name()
+    trial_name, trial_id = tune.get_context().get_trial_name(), tune.get_context().get_trial_id()
     trial_tree = _dotted_set(trial_tree, "run.name", trial_name)
     trial_tree = _dotted_set(trial_tree, "run.storage_path", storage_path.rstrip("/") + f"/{sweep_name}-trials")
     cfg = from_dict(trial_tree, f"trial {trial_name}")
@@ -219,39 +220,48 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
     run_id = None
     if tracking_uri:
         run_id = tracking.start_run(tracking_uri, experiment, trial_name, {**cfg.flat(), **{"trial": trial_name}},
-                                    parent_run_id=parent_run_id, tags={"mdt_ray.sweep": sweep_name})
+                                    parent_run_id=parent_run_id,
+                                    tags={"mdt_ray.sweep": sweep_name, "mdt_ray.trial_id": trial_id})
     eval_data = load_eval_data(cfg)
     trainer = build_trainer(cfg, mlflow_run_id=run_id, tracking_uri=tracking_uri,
                             callbacks=[TuneReportCallback()],
                             eval_data=ray.put(eval_data) if eval_data is not None else None)
-    try:
-        trainer.fit()
-    except Exception:
-        if run_id:
-            tracking.end_run(tracking_uri, run_id, "FAILED")
-        raise
-    if run_id:
-        tracking.end_run(tracking_uri, run_id, "FINISHED")
+    # The trial leaves its MLflow run open: the driver closes every child run from the status Tune
+    # reports (_close_children). In Ray 2.60 a trial the scheduler stops can still be running
+    # here, raising or returning, after tuner.fit() has returned, so a status written from here
+    # would race the driver's (CI saw a stopped trial's late FAILED overwrite its KILLED).
+    trainer.fit()
 
 
-def _close_stopped_children(uri: str, parent_run_id: str, stopped: set[str]) -> None:
-    """Close the MLflow runs of trials the scheduler stopped early as KILLED.
+# Tune's view of a trial -> the status of its MLflow run.
+_RUN_STATUS = {"DONE": "FINISHED", "STOPPED": "KILLED", "ERROR": "FAILED"}
 
-    A stopped trial ends in one of two ways (Ray 2.60): its actor is killed while the run is still
-    RUNNING, or ``trainer.fit()`` raises first and the trial marks its own run FAILED. Both are an
-    early stop, not a failure, so the trial ids Tune reports as stopped decide, not the run's state.
-    """
+
+def _close_children(uri: str, parent_run_id: str, trials: list[dict[str, Any]]) -> None:
+    """Set every child run's final status from its trial's outcome (matched on the trial id tag);
+    a run with no reported trial that is still RUNNING is closed as KILLED."""
     from mlflow.tracking import MlflowClient
 
+    outcome = {t["trial"]: t["status"] for t in trials}
     client = MlflowClient(uri)
     exp_id = client.get_run(parent_run_id).info.experiment_id
     for run in client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent_run_id}'"):
-        name = run.info.run_name or ""
-        was_stopped = any(name.endswith(t) for t in stopped)
-        if run.info.status == "RUNNING" or (was_stopped and run.info.status == "FAILED"):
-            client.set_terminated(run.info.run_id, "KILLED")
-            if was_stopped:
-                client.set_tag(run.info.run_id, "mdt_ray.stopped_early", "true")
+        status = outcome.get(run.data.tags.get("mdt_ray.trial_id", ""))
+        if status is None and run.info.status != "RUNNING":
+            continue
+        client.set_terminated(run.info.run_id, _RUN_STATUS.get(status, "KILLED"))
+        if status == "STOPPED":
+            client.set_tag(run.info.run_id, "mdt_ray.stopped_early", "true")
+
+
+def _trial_id(result) -> str:
+    """Tune's trial id ("f7f9b_00001"): in every reported result, else in the trial folder's name."""
+    m = result.metrics or {}
+    if m.get("trial_id"):
+        return str(m["trial_id"])
+    name = result.path.rsplit("/", 1)[-1] if result.path else ""
+    found = re.search(r"([0-9a-f]{5}_\d{5})", name)
+    return found.group(1) if found else name or "?"
 
 
 def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
@@ -320,7 +330,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
     for r in results:
         m = r.metrics or {}
         trials.append({
-            "trial": m.get("trial_id", r.path.rsplit("/", 1)[-1] if r.path else "?"),
+            "trial": _trial_id(r),
             "params": {k: (r.config or {}).get(k) for k in spec.space},
             "metric": m.get(spec.metric),
             "step": m.get("step"),
@@ -350,7 +360,7 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
             client.set_tag(parent, "best_checkpoint", str(best["checkpoint"]))
             for k, v in best["params"].items():
                 client.set_tag(parent, f"best.{k}", str(v))
-        _close_stopped_children(uri, parent, {t["trial"] for t in trials if t["status"] == "STOPPED"})
+        _close_children(uri, parent, trials)
         tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
     return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
 

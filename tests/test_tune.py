@@ -94,6 +94,8 @@ def test_asha_stops_worse_trials_early(ray_local, corpus, tmp_path):
     assert stopped["step"] < 6
     _, parent, children = _children(tmp_path, out["parent_run_id"])
     assert sorted(c.info.status for c in children) == ["FINISHED", "KILLED"]
+    (killed,) = [c for c in children if c.info.status == "KILLED"]
+    assert killed.data.tags["mdt_ray.trial_id"] == stopped["trial"] and killed.data.tags["mdt_ray.stopped_early"] == "true"
 
 
 @pytest.mark.parametrize("space, key", [
