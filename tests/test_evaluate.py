@@ -190,3 +190,14 @@ def test_pretrain_teacher_trains_exports_and_scores(tiny, tmp_path):
         pretrain.FINAL_LR_FRAC, abs=1e-3)
     with pytest.raises(pretrain.ConfigError, match="distill.method"):
         pretrain.load_pretrain_config(None, ["distill.method=mdt"])
+
+
+def test_bench_command_lists_runs_and_rejects(capsys):
+    from mdt_ray.cli import main as cli_main
+
+    assert cli_main(["bench", "--list"]) == 0
+    assert "quality" in capsys.readouterr().out
+    assert cli_main(["bench", "no_such_bench"]) == 2
+    assert "unknown benchmark 'no_such_bench'" in capsys.readouterr().err
+    # Arguments after the name reach the script itself.
+    assert cli_main(["bench", "quality", "--no-such-flag"]) == 2
