@@ -26,11 +26,12 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._sampler import PeriodicSampler  # noqa: E402
 
 DECODED_BYTES_PER_ROW = 4 * (8 * 16**3 + 64 * 64)  # float32 x0 + cond, what the trainer receives
 DECODES = ("tasks", "collate")  # make_dataset(decode=...): in Ray tasks, or in the consumer
@@ -95,7 +96,7 @@ def _plasma_mib() -> float:
         return 0.0
 
 
-class TreeSampler:
+class TreeSampler(PeriodicSampler):
     """Peak memory of this process, of its descendants (Ray's processes) and of Ray's object
     store, sampled every `period` s.
 
@@ -105,13 +106,11 @@ class TreeSampler:
     """
 
     def __init__(self, period: float = 0.25, plasma: bool = False):
-        self.period = period
+        super().__init__(period)
         self.plasma = plasma
         self.peak_self_private_kib = 0
         self.peak_children_private_kib = 0
         self.peak_plasma_mib = 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         me = os.getpid()
@@ -121,20 +120,6 @@ class TreeSampler:
         self.peak_children_private_kib = max(self.peak_children_private_kib, children)
         if self.plasma:
             self.peak_plasma_mib = max(self.peak_plasma_mib, _plasma_mib())
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
     def result(self) -> dict[str, float]:
         return {"private_mib": self.peak_self_private_kib / 1024,

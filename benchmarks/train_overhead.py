@@ -70,6 +70,8 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks._sampler import PeriodicSampler  # noqa: E402
+
 TARGET = 1.03
 RAY_DEFAULT_WORKER_NICENESS = 15  # RayConfig worker_niceness: Ray runs tasks and actors at nice 15
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -207,7 +209,7 @@ def _proc_name(pid: int) -> str:
     return base
 
 
-class TreeSampler:
+class TreeSampler(PeriodicSampler):
     """Snapshots, every `period` seconds, of the CPU ticks of this process and its descendants
     (a local Ray cluster's raylet, GCS, dashboard, workers, Ray Data tasks) and of the machine.
 
@@ -219,7 +221,7 @@ class TreeSampler:
     BARE = "bare loop (thread of this process)"
 
     def __init__(self, period: float = 0.5):
-        self.period = period
+        super().__init__(period)
         self.samples: list[tuple[float, tuple[int, int], dict[int, tuple[str, int]]]] = []
         # Per-thread ticks of the training workers, sampled alongside: which thread of the worker
         # (the training thread, Ray Data's prefetcher, Ray's core-worker threads) used the CPU.
@@ -227,8 +229,6 @@ class TreeSampler:
         # The paired mode's bare loop runs in a thread of this process: its CPU is counted apart.
         self.bare_tid: Optional[int] = None
         self.worker_nice: dict[int, Optional[int]] = {}  # pid -> nice of each training worker
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> None:
         procs: dict[int, tuple[str, int]] = {}
@@ -248,20 +248,6 @@ class TreeSampler:
                     threads.update({tid: (f"{pid}/{tname}", t) for tid, (tname, t) in _thread_ticks(pid).items()})
         self.samples.append((time.time(), machine_busy_ticks(), procs))
         self.threads.append(threads)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(self.period)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.sample()
 
     def between(self, a: float, b: float) -> dict[str, Any]:
         """CPU-seconds per process name and of the whole machine between wall times a and b.

@@ -186,7 +186,7 @@ def test_bad_shards_are_named(corpus, tmp_path):
     truncate(f"{c2}/part-00002.parquet")
     with pytest.raises(CorpusError, match=rf"shard {c2}/part-00002.parquet is corrupt or not a Parquet file"):
         load_local(c2)
-    with pytest.raises(CorpusError, match=rf"{c2}/part-00002.parquet: corrupt or not a Parquet file"):
+    with pytest.raises(CorpusError, match=rf"shard {c2}/part-00002.parquet is corrupt or not a Parquet file"):
         inspect_corpus(c2)
     # damaged pages behind an intact footer
     c3 = _copy_corpus(corpus, tmp_path / "damaged")

@@ -29,7 +29,6 @@ from mdt_ray.data.schema import (
     CorpusError,
     Manifest,
     ShardInfo,
-    header_of,
     read_manifest,
 )
 
@@ -515,7 +514,7 @@ def build_synthetic(out: str, num_assets: int, *, seed: int = 0, rows_per_shard:
 def inspect_corpus(uri: str, *, endpoint_url: Optional[str] = None, region: Optional[str] = None,
                    check_shards: bool = True) -> dict[str, Any]:
     """Manifest, row count and sizes (per shard and per column, compressed and not) of a corpus."""
-    from mdt_ray.data.schema import check_header, schema_problems
+    from mdt_ray.data.schema import read_shard_footer, schema_problems
 
     manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
     columns: dict[str, dict[str, int]] = {}
@@ -525,21 +524,7 @@ def inspect_corpus(uri: str, *, endpoint_url: Optional[str] = None, region: Opti
         if check_shards:
             fs, path = storage.pyarrow_fs(s_uri, endpoint_url, region)
             where = storage.describe(s_uri, endpoint_url, region)
-
-            def _meta():
-                with fs.open_input_file(path) as f:
-                    return pq.ParquetFile(f).metadata
-
-            try:
-                meta = storage.retry(_meta, what=f"reading the footer of {where}")
-            except FileNotFoundError:
-                raise CorpusError(f"{where}: shard listed in the manifest is missing") from None
-            except (pa.ArrowInvalid, OSError) as e:
-                if isinstance(e, storage.StorageError):
-                    raise
-                raise CorpusError(f"{where}: corrupt or not a Parquet file ({e})") from None
-            schema = meta.schema.to_arrow_schema()
-            check_header(header_of(schema, where=where), manifest, where=where)
+            meta, schema = read_shard_footer(fs, path, where, manifest)
             problems = schema_problems(schema, manifest)
             if problems:
                 raise CorpusError(f"{where}: {'; '.join(problems)}")

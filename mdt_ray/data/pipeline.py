@@ -31,6 +31,7 @@ from mdt_ray.data.schema import (
     expected_types,
     header_of,
     read_manifest,
+    read_shard_footer,
     schema_problems,
 )
 
@@ -203,28 +204,13 @@ def verify_shards(manifest: Manifest, columns: Sequence[str], *, endpoint_url: O
     types differ from the manifest, before any training worker starts; for a type mismatch it
     also finds the first offending asset.
     """
-    import pyarrow.parquet as pq
-
     fs, _ = storage.pyarrow_fs(manifest.uri, endpoint_url, region)  # one client for all shards
 
     def check(uri: str, rows: int) -> None:
         path = storage.bare_path(uri)
         where = storage.describe(uri, endpoint_url, region)
 
-        def footer():
-            with fs.open_input_file(path) as f:
-                return pq.ParquetFile(f).metadata
-
-        try:
-            meta = storage.retry(footer, what=f"reading the footer of shard {where}")
-        except FileNotFoundError:
-            raise CorpusError(f"shard {where} is listed in the manifest but missing") from None
-        except (pa.ArrowInvalid, OSError) as e:
-            if isinstance(e, storage.StorageError):
-                raise
-            raise CorpusError(f"shard {where} is corrupt or not a Parquet file ({e})") from None
-        schema = meta.schema.to_arrow_schema()
-        check_header(header_of(schema, where=f"shard {where}"), manifest, where=f"shard {where}")
+        meta, schema = read_shard_footer(fs, path, where, manifest)
         if meta.num_rows != rows:
             raise CorpusError(f"shard {where} has {meta.num_rows} rows, the manifest says {rows}")
         problems = schema_problems(schema, manifest, ["asset_id", *columns])

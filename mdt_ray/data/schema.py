@@ -249,6 +249,31 @@ def check_header(header: dict[str, Any], manifest: Manifest, *, where: str) -> N
         raise CorpusError(f"{where}: shard does not belong to this corpus ({'; '.join(diffs)})")
 
 
+def read_shard_footer(fs: Any, path: str, where: str, manifest: Manifest) -> tuple[Any, pa.Schema]:
+    """(Parquet metadata, Arrow schema) of a shard the manifest lists, its header checked against
+    the manifest. `where` names the shard in errors: a missing file, a file that is not Parquet
+    or is cut short, a foreign header all raise CorpusError; transient storage errors are retried."""
+    import pyarrow.parquet as pq
+
+    from mdt_ray.data import storage
+
+    def footer():
+        with fs.open_input_file(path) as f:
+            return pq.ParquetFile(f).metadata
+
+    try:
+        meta = storage.retry(footer, what=f"reading the footer of shard {where}")
+    except FileNotFoundError:
+        raise CorpusError(f"shard {where} is listed in the manifest but missing") from None
+    except (pa.ArrowInvalid, OSError) as e:
+        if isinstance(e, storage.StorageError):
+            raise
+        raise CorpusError(f"shard {where} is corrupt or not a Parquet file ({e})") from None
+    schema = meta.schema.to_arrow_schema()
+    check_header(header_of(schema, where=f"shard {where}"), manifest, where=f"shard {where}")
+    return meta, schema
+
+
 # -- reading -------------------------------------------------------------------------------------
 def read_schema(uri: str, *, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> pa.Schema:
     """The Arrow schema (with metadata) of one Parquet file, read from its footer only.
