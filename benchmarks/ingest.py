@@ -1,14 +1,14 @@
 """Corpus ingest: Ray Data from S3 versus a bare pyarrow read versus what a training worker eats.
 
-One run, one synthetic corpus, one S3-protocol server on loopback (moto_server). It prints, side
-by side:
+One run, one synthetic corpus, one S3-protocol server on loopback (moto, from tests/s3_server.py).
+It prints, side by side:
 
 - rows/s and MB/s through the Ray Data pipeline (make_dataset -> torch_batches, float32 tensors),
   with the decode in Ray tasks (the default) and in the consumer (decode="collate"),
 - rows/s and MB/s of a bare pyarrow read of the same columns (read only, and read + the same
   decode to float32 numpy), shard by shard in one process,
-- rows/s one training worker consumes: MDT-dist steps (VM + VD, forward + backward + Adam) of the
-  demo model (`ss-demo`) on batches of the corpus's shape,
+- rows/s one training worker consumes: the demo job's optimizer steps (MDT-dist VM + VD, forward +
+  backward, clipping, AdamW, EMA) of the demo model (`ss-demo`) on batches of the corpus's shape,
 
 with the ratios against the targets (Ray Data >= 0.7x bare pyarrow, >= 5x the worker), and the
 peak memory of the reading process (and of the Ray processes under it) for the corpus and for a
@@ -29,35 +29,16 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from benchmarks._sampler import PeriodicSampler  # noqa: E402
+from benchmarks._common import PeriodicSampler, descendants, random_batch, timed, write_json  # noqa: E402
 
 DECODED_BYTES_PER_ROW = 4 * (8 * 16**3 + 64 * 64)  # float32 x0 + cond, what the trainer receives
 DECODES = ("tasks", "collate")  # make_dataset(decode=...): in Ray tasks, or in the consumer
 
 
 # -- memory of a process tree, from /proc --------------------------------------------------------
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        for c in children.get(pid, []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _rollup(pid: int) -> dict[str, int]:
     """Pss and Private (clean + dirty) of a process in KiB, from /proc/<pid>/smaps_rollup.
 
@@ -115,7 +96,7 @@ class TreeSampler(PeriodicSampler):
     def sample(self) -> None:
         me = os.getpid()
         own = _rollup(me)["private"]
-        children = sum(_rollup(p)["private"] for p in _descendants(me))
+        children = sum(_rollup(p)["private"] for p in descendants(me))
         self.peak_self_private_kib = max(self.peak_self_private_kib, own)
         self.peak_children_private_kib = max(self.peak_children_private_kib, children)
         if self.plasma:
@@ -135,9 +116,9 @@ def child_pyarrow(uri: str, batch: int, passes: int = 1) -> dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mdt_ray.data import storage
     from mdt_ray.data.pipeline import decode_table
     from mdt_ray.data.schema import read_manifest
+    from mdt_ray.data.storage import StorageTarget
 
     m = read_manifest(uri)
     best = None
@@ -146,7 +127,7 @@ def child_pyarrow(uri: str, batch: int, passes: int = 1) -> dict:
             rows, t_read, t_decode = 0, 0.0, 0.0
             t0 = time.perf_counter()
             for s_uri in m.shard_uris():
-                fs, path = storage.pyarrow_fs(s_uri)
+                fs, path = StorageTarget(s_uri).pyarrow_fs()
                 with fs.open_input_file(path) as f:
                     pf = pq.ParquetFile(f, pre_buffer=True)
                     it = pf.iter_batches(columns=["asset_id", "ss_latent", "cond"], batch_size=batch)
@@ -185,11 +166,11 @@ def child_ray(uri: str, batch: int, cpus: int | None, decode: str = "tasks", pas
     with TreeSampler(plasma=True) as sampler:
         for epoch in range(passes):
             t0 = time.perf_counter()
-            ds = make_dataset(uri, shuffle=True, seed=epoch, decode=decode)
-            manifest = read_manifest(uri) if decode == "collate" else None
+            manifest = read_manifest(uri)
+            ds = make_dataset(uri, manifest=manifest, shuffle=True, seed=epoch, decode=decode)
             stamps = []  # (time, rows so far) after each batch
             rows = 0
-            for b in torch_batches(ds, batch, drop_last=False, manifest=manifest):
+            for b in torch_batches(ds, batch, drop_last=False, manifest=manifest if decode == "collate" else None):
                 rows += b["x0"].shape[0]
                 stamps.append((time.perf_counter(), rows))
             t_end = time.perf_counter()
@@ -204,39 +185,24 @@ def child_ray(uri: str, batch: int, cpus: int | None, decode: str = "tasks", pas
 
 
 def child_worker(model: str, batch: int, steps: int, threads: int) -> dict:
+    """One training worker's consumption: the demo job's optimizer step (mdt_ray.engine, with
+    the demo config's objective, MDT-dist) on a random batch of the corpus's shapes."""
     import torch
 
     torch.set_num_threads(threads)
 
-    from mdt_ray.config import ModelConfig
-    from mdt_ray.models import build_model
-    from mdt_ray.objectives import mdt_loss
-    from mdt_ray.train.loop import build_teacher, student_from
+    from mdt_ray.config import load_config
+    from mdt_ray.engine import Engine
+    from mdt_ray.models.teachers import build_teacher, freeze, student_from
+    from mdt_ray.stages import get_stage
 
-    teacher = build_teacher(ModelConfig(teacher=model)).eval().requires_grad_(False)
-    student = student_from(teacher)
-    opt = torch.optim.Adam(student.parameters(), lr=1e-4)
-    a = build_model(model).config_args
-    g = torch.Generator().manual_seed(0)
-    shape = (batch, a["in_channels"], a["resolution"], a["resolution"], a["resolution"])
-    x0 = torch.randn(shape, generator=g)
-    cond = torch.randn(batch, 64, a["cond_channels"], generator=g)
-
-    def step() -> None:
-        out = mdt_loss(student, teacher, x0, cond, torch.zeros_like(cond), noise=torch.randn(shape, generator=g),
-                       t=0.02 + 0.96 * torch.rand(batch, generator=g), fake_noise=torch.randn(shape, generator=g),
-                       cfg_vm=3.0, cfg_vd=5.0)
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    dt = sorted(times)[len(times) // 2]  # the median: robust to other jobs on a shared machine
+    cfg = load_config(REPO / "jobs/configs/demo.yaml", [f"model.teacher={model}", f"train.batch_size={batch}"])
+    teacher = build_teacher(model, seed=cfg.train.seed)
+    engine = Engine(student_from(teacher), freeze(teacher, torch.device("cpu"), False), stage=get_stage("ss"),
+                    distill=cfg.distill, train=cfg.train)
+    data = random_batch(model, batch, torch.Generator().manual_seed(0))
+    calls = iter(range(steps + 1))
+    dt = timed(lambda: engine.step(data, next(calls)), steps)
     return {"model": model, "batch": batch, "step_s": dt, "rows_per_s": batch / dt,
             "threads": torch.get_num_threads()}
 
@@ -269,8 +235,8 @@ def scale_corpus(src: str, dst: str, times: int) -> None:
     from mdt_ray.data.schema import SHARD_PATTERN, read_manifest
 
     m = read_manifest(src)
-    fs, src_path = storage.pyarrow_fs(src)
-    _, dst_path = storage.pyarrow_fs(dst)
+    fs, src_path = storage.StorageTarget(src).pyarrow_fs()
+    dst_path = storage.bare_path(dst)
     fs.create_dir(dst_path, recursive=True)  # a no-op on S3, needed on a local disk
     shards = []
     for k in range(times):
@@ -285,7 +251,7 @@ def scale_corpus(src: str, dst: str, times: int) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    # Big enough that Ray Data's streaming window (blocks in flight, ~1 GB here) fills on the 1x
+    # Big enough that Ray Data's streaming window (the blocks in flight) fills on the 1x
     # corpus too, so the two peak-memory figures compare steady states.
     p.add_argument("--num-assets", type=int, default=8000)
     p.add_argument("--shards", type=int, default=8)
@@ -296,7 +262,7 @@ def main(argv=None) -> dict:
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-steps", type=int, default=5)
     # The demo runs two workers on two cores: one core each. Two torch threads on a shared,
-    # busy machine measured 3x slower per step than one (oversubscription).
+    # busy machine are slower per step than one (oversubscription).
     p.add_argument("--train-threads", type=int, default=1)
     p.add_argument("--ray-cpus", type=int, default=None, help="logical CPUs for the Ray reader (default: all)")
     p.add_argument("--repeats", type=int, default=2, help="rounds of every reader; each keeps its best")
@@ -316,7 +282,9 @@ def main(argv=None) -> dict:
         return res
 
     from mdt_ray.data.corpus import build_synthetic, inspect_corpus
-    from mdt_ray.data.local_s3 import LocalS3, apply_env
+    # The tests' loopback S3 server, so there is one copy of it; the repo root is on sys.path
+    # (top of this file) and tests/ is not part of the installed package.
+    from tests.s3_server import LocalS3, apply_env
 
     # Load from other jobs on a shared machine skews every rate: record it beside them.
     results: dict = {"num_assets": args.num_assets, "shards": args.shards, "scale": args.scale,
@@ -353,8 +321,7 @@ def main(argv=None) -> dict:
 
     results["loadavg_end"] = os.getloadavg()
     report(results)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results, indent=2)
     return results
 
 

@@ -9,36 +9,18 @@ passes (7 without grad, 2 with grad, their backward ≈ 2 × 2); the target is w
 """
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdt_ray.models import build_model  # noqa: E402
+from benchmarks._common import random_batch, timed, write_json  # noqa: E402
+from mdt_ray.models.teachers import build_teacher, student_from  # noqa: E402
 from mdt_ray.objectives import fm_loss, mdt_loss  # noqa: E402
-from mdt_ray.train.loop import build_teacher, student_from  # noqa: E402
-from mdt_ray.config import ModelConfig  # noqa: E402
 
 FLOOR = 13.0
-
-
-def timed(fn, repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (allocator, kernels)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def main(argv=None) -> dict:
@@ -51,13 +33,12 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     device = torch.device(args.device)
 
-    teacher = build_teacher(ModelConfig(teacher=args.model)).to(device).eval().requires_grad_(False)
+    teacher = build_teacher(args.model).to(device).eval().requires_grad_(False)
     student = student_from(teacher).to(device)
-    a = build_model(args.model).config_args
     g = torch.Generator().manual_seed(0)
-    shape = (args.batch, a["in_channels"], a["resolution"], a["resolution"], a["resolution"])
-    x0, noise, fake = (torch.randn(shape, generator=g).to(device) for _ in range(3))
-    cond = torch.randn(args.batch, 64 if a["cond_channels"] == 64 else 1374, a["cond_channels"], generator=g).to(device)
+    batch = random_batch(args.model, args.batch, g)
+    x0, cond = batch["x0"].to(device), batch["cond"].to(device)
+    noise, fake = (torch.randn(x0.shape, generator=g).to(device) for _ in range(2))
     neg = torch.zeros_like(cond)
     t = (0.01 + 0.98 * torch.rand(args.batch, generator=g)).to(device)
 
@@ -89,8 +70,7 @@ def main(argv=None) -> dict:
     print(f"MDT-dist step / forward = {res['mdt_over_forward']:.2f} (floor {FLOOR:.0f}; "
           f"{res['mdt_over_floor']:.2f}x the floor, target <= 1.30)")
     print(f"MDT-dist step / flow-matching step = {res['mdt_over_fm_step']:.2f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    write_json(args.json, res)
     return res
 
 

@@ -11,13 +11,14 @@ objective (`distill.method`) and the knobs each method was tuned on with the sam
     scm   continuous-time consistency (sCM)                2 steps are its phase boundaries)
 
 plus the teacher itself at 1, 2 and 25 steps with its guided sampler. Each student (EMA weights)
-samples the held-out conditions at 1 and 2 steps; FD is against the held-out latents, IoU against
-the shape behind each condition, COV / MMD / 1-NNA with distance 1 − IoU (mdt_ray.evaluate).
+samples the held-out conditions at 1 and 2 steps from the same noise; FD is against the held-out
+latents, IoU against the shape behind each condition, COV / MMD / 1-NNA with distance 1 − IoU
+(`Stage.score`, mdt_ray.stages).
 
 The distillation runs in a plain in-process loop, not on Ray: one process using both cores is
-the fastest way to run five distillations on a 2-core CPU, and the loop calls exactly what the Ray
-worker calls for a step (`draw_inputs` + `compute_loss` with a `DistillConfig`, per-step
-generators seeded by `step_seed`, AdamW, `GradClipper`, `ema_update`).
+the fastest way to run five distillations on a 2-core CPU, and the loop runs the optimizer step
+the Ray worker runs (mdt_ray.engine: draws seeded by `step_seed`, the objective of a
+`DistillConfig`, AdamW, clipping, EMA) in pre-training's data order (mdt_ray.pretrain).
 
     python benchmarks/quality.py --quick                       # smoke run, a few minutes on CPU
     python benchmarks/quality.py --json docs/quality.json      # the full table of docs/benchmark.md
@@ -45,19 +46,17 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mdt_ray.config import DistillConfig  # noqa: E402
-from mdt_ray.evaluate import (  # noqa: E402
-    STUDENT_SAMPLER,
-    TEACHER_SAMPLER,
-    measure_latency,
-    sample_and_score,
-    sampler_nfe,
-    synthetic_decoder,
-)
+from benchmarks._common import set_threads, write_json  # noqa: E402
+from mdt_ray.config import DistillConfig, TrainConfig  # noqa: E402
+from mdt_ray.engine import Engine  # noqa: E402
+from mdt_ray.eval import measure_latency, sampler_nfe  # noqa: E402
 from mdt_ray.models import load_trellis  # noqa: E402
-from mdt_ray.objectives import compute_loss, draw_inputs  # noqa: E402
-from mdt_ray.train.loop import step_seed, student_from  # noqa: E402
-from mdt_ray.train.optim import GradClipper, ema_init, ema_update  # noqa: E402
+from mdt_ray.models.teachers import resolve_model_path, student_from  # noqa: E402
+from mdt_ray.pretrain import train_steps  # noqa: E402
+from mdt_ray.stages import STUDENT_SAMPLER, Split, get_stage  # noqa: E402
+
+STAGE = get_stage("ss")
+TEACHER_SAMPLER = STAGE.teacher_sampler
 
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "mdt": ("MDT-dist (VM + VD)", {"method": "mdt"}),
@@ -67,7 +66,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "scm": ("sCM", {"method": "scm"}),
 }
 
-# What every method shares. dt, d_norm and the time distribution are the paper's (spec §4); the
+# What every method shares. dt, d_norm and the time distribution are the paper's (its section 4); the
 # EMA decay suits a run of a few hundred steps (its horizon is ~100 steps).
 SHARED = {"dt": 0.01, "d_norm": True, "t_mean": 1.0, "t_std": 1.0, "sigma_min": 1e-5}
 FULL = {"steps": 300, "batch": 8, "ema": 0.99, "grad_clip": 1.0, "seed": 0, "test_assets": 256}
@@ -77,7 +76,8 @@ QUICK = {"steps": 6, "batch": 4, "ema": 0.9, "grad_clip": 1.0, "seed": 0, "test_
 # MDT-dist both cfg_vm and cfg_vd) and the learning rate.
 TUNE_GRID = {"cfg": [0.5, 2.0], "lr": [1e-4, 3e-4]}
 TUNE_STEPS = 80
-# Guidance strengths tried for the teacher's own 25-step sampler (TEACHER_SAMPLER holds the pick).
+# Guidance strengths tried for the teacher's own 25-step sampler (the stage's teacher_sampler
+# holds the pick).
 TEACHER_CFG_GRID = [0.0, 0.5, 1.0, 2.0, 3.0]
 TUNE_ASSETS = 64
 # The knobs every method runs with in the table. One point for all, the teacher's own guidance
@@ -101,46 +101,24 @@ def ensure_corpus(kind: str, log: Callable[[str], None]) -> str:
     return str(path)
 
 
-def distil(teacher: torch.nn.Module, train: dict[str, torch.Tensor], dc: DistillConfig, *, steps: int, batch: int,
-           lr: float, ema: float, grad_clip: float, seed: int, log: Callable[[str], None],
+def distil(teacher: torch.nn.Module, train: Split, dc: DistillConfig, *, steps: int, batch: int, lr: float,
+           ema: float, grad_clip: float, seed: int, log: Callable[[str], None],
            device: torch.device = torch.device("cpu")) -> torch.nn.Module:
-    """The Ray worker's step, in-process: returns the EMA student."""
-    student = student_from(teacher)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
-    clipper = GradClipper(grad_clip)
-    shadow = ema_init(student)
-    n = train["x0"].shape[0]
-    # One data order for every method: the same permutation stream from the same seed.
-    order = torch.Generator().manual_seed(seed)
-    perm, cursor = torch.randperm(n, generator=order), 0
+    """The Ray worker's step, in-process, on `train` (either stage): returns the EMA student.
+    Every method gets the same data order from the same seed (mdt_ray.pretrain.batch_order)."""
+    # fp32 on every device: the table compares objectives, not precisions.
+    tc = TrainConfig(steps=steps, batch_size=batch, lr=lr, ema=ema, grad_clip=grad_clip, seed=seed,
+                     mixed_precision="fp32")
+    engine = Engine(student_from(teacher), teacher, stage=train.stage, distill=dc, train=tc)
     t0, window = time.perf_counter(), []
-    for step in range(steps):
-        if cursor + batch > n:
-            perm, cursor = torch.randperm(n, generator=order), 0
-        idx = perm[cursor : cursor + batch]
-        cursor += batch
-        x0, cond = train["x0"][idx].to(device).float(), train["cond"][idx].to(device).float()
-        gen = torch.Generator(device=device).manual_seed(step_seed(seed, 0, step, 0))
-        draws = draw_inputs(x0, dc, gen)
-        out = compute_loss(dc, student, teacher, x0, cond, draws, gen)
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{dc.method}: non-finite loss at step {step} (lr {lr}, cfg {dc.cfg_vm})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        clipper(student.parameters())
-        optimizer.step()
-        ema_update(shadow, student, ema)
-        window.append(float(loss.detach()))
+    for step, _, loss, _ in train_steps(engine, train, device=device):
+        window.append(loss)
         if (step + 1) % max(1, steps // 5) == 0 or step + 1 == steps:
             rate = (step + 1) / (time.perf_counter() - t0)
             log(f"[bench]   {dc.method} step {step + 1}/{steps} loss {np.mean(window):.4g} "
                 f"({rate:.2f} it/s, ETA {(steps - step - 1) / rate:.0f}s)")
             window = []
-    with torch.no_grad():
-        for name, p in student.named_parameters():
-            p.copy_(shadow[name])
-    return student.eval().requires_grad_(False)
+    return engine.averaged_model().eval().requires_grad_(False)
 
 
 def distill_config(method: str, cfg: float) -> DistillConfig:
@@ -148,26 +126,24 @@ def distill_config(method: str, cfg: float) -> DistillConfig:
     return DistillConfig(**{**SHARED, **overrides, "cfg_vm": cfg, "cfg_vd": cfg})
 
 
-def score_student(model: torch.nn.Module, held: dict[str, Any], decode, seed: int, steps=(1, 2),
+def sample_scores(model: torch.nn.Module, held: Split, noise: Any, steps: int, sampler: dict[str, Any],
+                  device: torch.device = torch.device("cpu")) -> dict[str, float]:
+    """Every metric of the stage for `model` sampling `held` from `noise`, and its NFE."""
+    samples = held.stage.generate(model, held, noise, steps=steps, sampler=sampler, device=device)
+    return {**held.stage.score(samples, held, full=True), "nfe": sampler_nfe(steps, sampler)}
+
+
+def score_student(model: torch.nn.Module, held: Split, noise: Any, steps=(1, 2),
                   device: torch.device = torch.device("cpu")) -> dict[str, Any]:
-    return {str(k): sample_and_score(model, held, steps=k, sampler=STUDENT_SAMPLER, decode=decode, seed=seed,
-                                     device=device)[1]
-            for k in steps}
+    return {str(k): sample_scores(model, held, noise, k, STUDENT_SAMPLER, device) for k in steps}
 
 
-def load_split(uri: str, limit: Optional[int]) -> dict[str, Any]:
-    from mdt_ray.data.pipeline import load_local
-
-    return load_local(uri, stage="ss", limit=limit)
+def load_split(uri: str, limit: Optional[int]) -> Split:
+    return STAGE.load(uri, limit=limit)
 
 
-def _tensors(data: dict[str, Any]) -> dict[str, torch.Tensor]:
-    # The synthetic latents are exactly ±1: float16 stores them losslessly at half the memory.
-    return {"x0": torch.from_numpy(np.ascontiguousarray(data["x0"])).half(),
-            "cond": torch.from_numpy(np.ascontiguousarray(data["cond"])).half()}
-
-
-def run_tune(teacher, train, val, decode, settings, methods, log) -> dict[str, Any]:
+def run_tune(teacher, train, val, settings, methods, log) -> dict[str, Any]:
+    noise = STAGE.noise(val, settings["seed"])
     trials = []
     best: dict[str, dict[str, Any]] = {}
     for method in methods:
@@ -178,7 +154,7 @@ def run_tune(teacher, train, val, decode, settings, methods, log) -> dict[str, A
                                  batch=settings["batch"], lr=lr, ema=settings["ema"],
                                  grad_clip=settings["grad_clip"], seed=settings["seed"], log=log,
                                  device=settings["device"])
-                scores = score_student(student, val, decode, settings["seed"], device=settings["device"])
+                scores = score_student(student, val, noise, device=settings["device"])
                 objective = scores["1"]["fd"] + scores["2"]["fd"]
                 trials.append({"method": method, "cfg": cfg, "lr": lr, "fd_1": scores["1"]["fd"],
                                "fd_2": scores["2"]["fd"], "objective": objective})
@@ -188,20 +164,20 @@ def run_tune(teacher, train, val, decode, settings, methods, log) -> dict[str, A
     return {"grid": TUNE_GRID, "tune_steps": TUNE_STEPS, "val_assets": TUNE_ASSETS, "trials": trials, "best": best}
 
 
-def tune_teacher(teacher, val, decode, seed: int, log, device: torch.device) -> dict[str, Any]:
+def tune_teacher(teacher, val, seed: int, log, device: torch.device) -> dict[str, Any]:
     """The teacher's 25-step guided sampler at each guidance strength of TEACHER_CFG_GRID."""
-    rows = {}
+    noise, rows = STAGE.noise(val, seed), {}
     for w in TEACHER_CFG_GRID:
         t0 = time.perf_counter()
-        _, scores = sample_and_score(teacher, val, steps=TEACHER_SAMPLER["steps"],
-                                     sampler={**TEACHER_SAMPLER, "cfg_strength": w}, decode=decode, seed=seed,
-                                     device=device)
+        sampler = {**TEACHER_SAMPLER, "cfg_strength": w}
+        scores = sample_scores(teacher, val, noise, TEACHER_SAMPLER["steps"], sampler, device)
+        scores.pop("nfe")
         rows[str(w)] = scores
         log(f"[bench] teacher cfg {w:g}: " + " ".join(f"{k}={v:.4g}" for k, v in scores.items())
             + f" ({time.perf_counter() - t0:.0f}s)")
     best = min(rows, key=lambda w: rows[w]["fd"])
     log(f"[bench] lowest FD at cfg {best}")
-    return {"cfg": rows, "best": float(best), "val_assets": int(val["x0"].shape[0])}
+    return {"cfg": rows, "best": float(best), "val_assets": len(val)}
 
 
 def format_tune(result: dict[str, Any]) -> str:
@@ -251,104 +227,98 @@ def main(argv=None) -> dict[str, Any]:
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    if args.threads:
-        torch.set_num_threads(args.threads)
-        try:
-            import threadpoolctl
-        except ImportError:
-            pass
-        else:
-            threadpoolctl.threadpool_limits(args.threads)
+    set_threads(args.threads)
 
     settings = dict(QUICK if args.quick else FULL)
     for key, value in (("steps", args.steps), ("batch", args.batch), ("test_assets", args.test_assets)):
         if value is not None:
             settings[key] = value
     settings["device"] = torch.device(args.device)
-    from mdt_ray.evaluate import resolve_model_path
-
     teacher_path = resolve_model_path(args.teacher)
     teacher = load_trellis(teacher_path, device=settings["device"]).eval().requires_grad_(False)
-    from mdt_ray.data.schema import read_manifest
-
-    train_uri = ensure_corpus("train", log)
-    train = _tensors(load_split(train_uri, 512 if args.quick else None))
+    train = load_split(ensure_corpus("train", log), 512 if args.quick else None)
+    if args.tune_teacher or args.tune:
+        val = load_split(ensure_corpus("val", log), 16 if args.quick else TUNE_ASSETS)
     if args.tune_teacher:
-        val_uri = ensure_corpus("val", log)
-        val = load_split(val_uri, 16 if args.quick else TUNE_ASSETS)
-        result = tune_teacher(teacher, val, synthetic_decoder(read_manifest(val_uri).source), settings["seed"], log,
-                              settings["device"])
+        result = tune_teacher(teacher, val, settings["seed"], log, settings["device"])
     elif args.tune:
-        val_uri = ensure_corpus("val", log)
-        val = load_split(val_uri, 16 if args.quick else TUNE_ASSETS)
-        decode = synthetic_decoder(read_manifest(val_uri).source)
-        result = run_tune(teacher, train, val, decode, settings, args.methods, log)
+        result = run_tune(teacher, train, val, settings, args.methods, log)
         print(format_tune(result))
         print("best per method: " + json.dumps(result["best"]))
     else:
         result = run_benchmark(teacher, teacher_path, train, settings, args, log)
         print(format_table(result))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
-        log(f"[bench] wrote {args.json}")
+    write_json(args.json, result)
     return result
 
 
-def run_benchmark(teacher, teacher_path, train, settings, args, log) -> dict[str, Any]:
-    from mdt_ray.data.schema import read_manifest
+def latencies(teacher: torch.nn.Module, x: Any, cond: torch.Tensor,
+              teacher_sampler: dict[str, Any]) -> dict[str, float]:
+    """Seconds per sample of the teacher at 25, 2, 1 steps and of the students at 1, 2 steps on
+    the batch (x, cond). Students have the teacher's architecture, so the teacher network sampled
+    with the student sampler has the students' latency; every entry runs on the same batch,
+    interleaved."""
+    entries = {f"teacher_{k}": (teacher, k, {**teacher_sampler, "steps": k}) for k in (25, 2, 1)}
+    entries.update({f"student_{k}": (teacher, k, STUDENT_SAMPLER) for k in (1, 2)})
+    return measure_latency(entries, x, cond, repeats=3)
 
-    test_uri = ensure_corpus("test", log)
-    held = load_split(test_uri, settings["test_assets"])
-    decode = synthetic_decoder(read_manifest(test_uri).source)
-    seed = settings["seed"]
-    result: dict[str, Any] = {"teacher": {}, "methods": {}}
 
-    log(f"[bench] teacher {teacher_path} on {len(held['asset_id'])} held-out assets")
+def _scored(scores: dict[str, float], held: Split) -> str:
+    return " ".join(f"{m} {scores[m]:.4g}" for m in held.stage.metrics if m in scores)
+
+
+def teacher_rows(teacher: torch.nn.Module, held: Split, noise: Any, latency: dict[str, float], log,
+                 device: torch.device) -> dict[str, Any]:
+    """The teacher's own sampler at 25, 2 and 1 steps: scores, NFE, latency, speed-up."""
+    rows = {}
     for k in (25, 2, 1):
         t0 = time.perf_counter()
-        _, scores = sample_and_score(teacher, held, steps=k, sampler={**TEACHER_SAMPLER, "steps": k}, decode=decode,
-                                     seed=seed, device=settings["device"])
-        result["teacher"][str(k)] = {**scores, "nfe": sampler_nfe(k, TEACHER_SAMPLER)}
-        log(f"[bench]   teacher {k} steps: FD {scores['fd']:.3f} IoU {scores.get('iou', math.nan):.3f} "
-            f"({time.perf_counter() - t0:.0f}s)")
+        scores = sample_scores(teacher, held, noise, k, {**held.stage.teacher_sampler, "steps": k}, device)
+        rows[str(k)] = {**scores, "latency_s": latency[f"teacher_{k}"],
+                        "speedup": latency["teacher_25"] / latency[f"teacher_{k}"]}
+        log(f"[bench]   teacher {k} steps: {_scored(scores, held)} ({time.perf_counter() - t0:.0f}s)")
+    return rows
 
-    # Students have the teacher's architecture, so the teacher network sampled with the student
-    # sampler has the students' latency; every entry is timed on the same batch, interleaved.
-    lat_cond = torch.as_tensor(held["cond"][: args.latency_batch], dtype=torch.float32, device=settings["device"])
-    latency = measure_latency({
-        "teacher_25": (teacher, 25, TEACHER_SAMPLER), "teacher_2": (teacher, 2, TEACHER_SAMPLER),
-        "teacher_1": (teacher, 1, TEACHER_SAMPLER), "student_1": (teacher, 1, STUDENT_SAMPLER),
-        "student_2": (teacher, 2, STUDENT_SAMPLER)}, lat_cond, latent_shape=held["x0"].shape[1:], seed=seed)
-    for k in ("25", "2", "1"):
-        result["teacher"][k].update(latency_s=latency[f"teacher_{k}"],
-                                    speedup=latency["teacher_25"] / latency[f"teacher_{k}"])
 
+def method_row(method: str, teacher: torch.nn.Module, train: Split, held: Split, noise: Any,
+               latency: dict[str, float], settings: dict[str, Any], knobs: dict[str, float], log) -> dict[str, Any]:
+    """One method distilled with `knobs` (cfg, lr) and scored at 1 and 2 steps."""
+    label, device = METHODS[method][0], settings.get("device", torch.device("cpu"))
+    dc = distill_config(method, knobs["cfg"])
+    log(f"[bench] {label}: {settings['steps']} steps × batch {settings['batch']}, lr {knobs['lr']:g}, "
+        f"cfg {knobs['cfg']:g}")
+    t0 = time.perf_counter()
+    student = distil(teacher, train, dc, steps=settings["steps"], batch=settings["batch"], lr=knobs["lr"],
+                     ema=settings["ema"], grad_clip=settings["grad_clip"], seed=settings["seed"], log=log,
+                     device=device)
+    entry: dict[str, Any] = {"label": label, "train_s": time.perf_counter() - t0, "cfg": knobs["cfg"],
+                             "lr": knobs["lr"], "distill": dc.model_dump(mode="json")}
+    for k, scores in score_student(student, held, noise, device=device).items():
+        entry[k] = {**scores, "nfe": int(k), "latency_s": latency[f"student_{k}"],
+                    "speedup": latency["teacher_25"] / latency[f"student_{k}"]}
+        log(f"[bench]   {k} step(s): {_scored(scores, held)}")
+    return entry
+
+
+def jsonable(sampler: dict[str, Any]) -> dict[str, Any]:
+    return {**sampler, "cfg_interval": list(sampler["cfg_interval"])}
+
+
+def run_benchmark(teacher, teacher_path, train, settings, args, log) -> dict[str, Any]:
+    held = load_split(ensure_corpus("test", log), settings["test_assets"])
+    device = settings["device"]
+    noise = STAGE.noise(held, settings["seed"])
+    log(f"[bench] teacher {teacher_path} on {len(held)} held-out assets")
+    m = min(args.latency_batch, len(held))
+    latency = latencies(teacher, *STAGE.sampler_input(held, noise, 0, m, device), TEACHER_SAMPLER)
+    result: dict[str, Any] = {"teacher": teacher_rows(teacher, held, noise, latency, log, device), "methods": {}}
     for method in args.methods:
-        label, _ = METHODS[method]
         knobs = {**TUNED[method], **({"lr": args.lr} if args.lr is not None else {})}
-        dc = distill_config(method, knobs["cfg"])
-        log(f"[bench] {label}: {settings['steps']} steps × batch {settings['batch']}, lr {knobs['lr']:g}, "
-            f"cfg {knobs['cfg']:g}")
-        t0 = time.perf_counter()
-        student = distil(teacher, train, dc, steps=settings["steps"], batch=settings["batch"], lr=knobs["lr"],
-                         ema=settings["ema"], grad_clip=settings["grad_clip"], seed=seed, log=log,
-                         device=settings["device"])
-        train_s = time.perf_counter() - t0
-        scores = score_student(student, held, decode, seed, device=settings["device"])
-        entry: dict[str, Any] = {"label": label, "train_s": train_s, "cfg": knobs["cfg"], "lr": knobs["lr"],
-                                 "distill": dc.model_dump(mode="json")}
-        for k in ("1", "2"):
-            entry[k] = {**scores[k], "nfe": int(k), "latency_s": latency[f"student_{k}"],
-                        "speedup": latency["teacher_25"] / latency[f"student_{k}"]}
-            log(f"[bench]   {k} step(s): FD {scores[k]['fd']:.3f} IoU {scores[k].get('iou', math.nan):.3f}")
-        result["methods"][method] = entry
-
-    result["settings"] = {**settings, "device": str(settings["device"]), "teacher": str(teacher_path), "test_assets": len(held["asset_id"]),
-                          "train_assets": int(train["x0"].shape[0]), "shared": SHARED,
-                          "teacher_sampler": {**TEACHER_SAMPLER, "cfg_interval": list(TEACHER_SAMPLER["cfg_interval"])},
-                          "student_sampler": {**STUDENT_SAMPLER, "cfg_interval": list(STUDENT_SAMPLER["cfg_interval"])},
-                          "latency_batch": int(lat_cond.shape[0]), "threads": torch.get_num_threads()}
+        result["methods"][method] = method_row(method, teacher, train, held, noise, latency, settings, knobs, log)
+    result["settings"] = {**settings, "device": str(device), "teacher": str(teacher_path), "test_assets": len(held),
+                          "train_assets": len(train), "shared": SHARED, "teacher_sampler": jsonable(TEACHER_SAMPLER),
+                          "student_sampler": jsonable(STUDENT_SAMPLER), "latency_batch": m,
+                          "threads": torch.get_num_threads()}
     return result
 
 

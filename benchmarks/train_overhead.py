@@ -54,8 +54,6 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import json
-import math
 import os
 import secrets
 import shutil
@@ -70,7 +68,7 @@ from typing import Any, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._sampler import PeriodicSampler  # noqa: E402
+from benchmarks._common import PeriodicSampler, descendants, stat_fields, write_json  # noqa: E402
 
 TARGET = 1.03
 RAY_DEFAULT_WORKER_NICENESS = 15  # RayConfig worker_niceness: Ray runs tasks and actors at nice 15
@@ -115,47 +113,16 @@ def machine_busy_ticks() -> tuple[int, int]:
     return total - idle, total
 
 
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def _tree(root: int) -> list[int]:
-    children = _children_map()
-    out, todo = [root], [root]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
 def _proc_ticks(pid: int) -> Optional[int]:
     """utime + stime of one process (all its threads), in clock ticks."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return int(rest[11]) + int(rest[12])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = stat_fields(f"/proc/{pid}/stat")
+    return None if fields is None else int(fields[11]) + int(fields[12])
 
 
 def _nice(pid: int) -> Optional[int]:
     """The nice value of a process (field 19 of /proc/PID/stat)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[16])
-    except (OSError, IndexError, ValueError):
-        return None
+    fields = stat_fields(f"/proc/{pid}/stat")
+    return None if fields is None else int(fields[16])
 
 
 def _thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
@@ -234,7 +201,7 @@ class TreeSampler(PeriodicSampler):
         procs: dict[int, tuple[str, int]] = {}
         threads: dict[int, tuple[str, int]] = {}
         me, bare_tid = os.getpid(), self.bare_tid
-        for pid in _tree(me):
+        for pid in [me, *descendants(me)]:
             ticks = _proc_ticks(pid)
             if ticks is not None and pid == me and bare_tid is not None:
                 bare = _thread_ticks(me).get(bare_tid)
@@ -309,11 +276,13 @@ def worker_threads(cfg) -> int:
 
 # -- the bare PyTorch loop -----------------------------------------------------------------------
 def bare_loop(cfg, label: str, stop: Optional[threading.Event] = None) -> dict[str, Any]:
-    """The worker loop's step for rank 0 of a world of 1, in this process, without Ray.
+    """The worker's step for rank 0 of a world of 1, in this process, without Ray.
 
-    Same model build, optimizer, clipping, EMA, micro-batching, seeds (`step_seed`) and per-step
-    host syncs (the loss terms and the non-finite check become Python floats every step, as in
-    the worker loop). Batches come from the pre-loaded corpus, reshuffled per epoch.
+    The engine is built as the worker builds it (mdt_ray.train.loop: teacher, student, EMA,
+    clipping, micro-batching, `step_seed` draws, the loss terms as Python floats every step) and
+    fed as the worker is fed (mdt_ray.train.position.Batches: epoch after epoch of full batches in
+    the stage's layout, reshuffled with the worker's per-epoch seed), but from the corpus
+    pre-loaded in memory: the best case for the bare loop.
 
     Runs `train.steps` steps, or, given `stop`, until it is set (the paired mode, beside the Ray
     run). Every step's wall-clock start and end (time.time(), the clock of MLflow's timestamps)
@@ -321,100 +290,44 @@ def bare_loop(cfg, label: str, stop: Optional[threading.Event] = None) -> dict[s
     """
     import torch
 
-    from mdt_ray.data.pipeline import load_local
-    from mdt_ray.objectives import compute_loss, draw_inputs
-    from mdt_ray.train.loop import build_teacher, freeze, step_seed, student_from
-    from mdt_ray.train.optim import GradClipper, ema_init, ema_update
+    from mdt_ray.data.storage import StorageTarget
+    from mdt_ray.engine import Engine
+    from mdt_ray.models.teachers import build_teacher, freeze, student_from
+    from mdt_ray.pretrain import epoch_batches
+    from mdt_ray.stages import get_stage
+    from mdt_ray.train.position import Batches
 
-    tc, dc = cfg.train, cfg.distill
+    tc, stage, device = cfg.train, get_stage(cfg.model.stage), torch.device("cpu")
     threads_before = torch.get_num_threads()
     torch.set_num_threads(worker_threads(cfg))
-    device = torch.device("cpu")
-    # Beside the Ray run this is one thread among the driver's: count its CPU only. Alone, count
-    # the whole process, which also covers more than one torch thread.
-    cpu_clock = time.thread_time if stop is not None else time.process_time
     try:
         t0 = time.perf_counter()
-        rows = load_local(cfg.data.uri, stage="ss")
-        x0_rows, cond_rows = torch.from_numpy(rows["x0"]), torch.from_numpy(rows["cond"])
-        n_rows = len(x0_rows)
+        split = stage.load(StorageTarget.from_data_config(cfg.data))
         load_s = time.perf_counter() - t0
-        if n_rows < tc.batch_size:
-            raise SystemExit(f"the corpus has {n_rows} assets, fewer than one batch of {tc.batch_size}")
-
+        if len(split) < tc.batch_size:
+            raise SystemExit(f"the corpus has {len(split)} assets, fewer than one batch of {tc.batch_size}")
         t0 = time.perf_counter()
-        teacher_cpu = build_teacher(cfg.model, seed=tc.seed)
-        student = student_from(teacher_cpu).to(device)
-        teacher = freeze(teacher_cpu, device, cfg.model.teacher_bf16)
-        optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        clipper = GradClipper(tc.grad_clip, tc.grad_clip_percentile, tc.grad_clip_window)
-        ema = ema_init(student) if tc.ema > 0 else None
+        teacher = build_teacher(cfg.model.teacher, seed=tc.seed)
+        student = student_from(teacher).to(device)
+        engine = Engine(student, freeze(teacher, device, cfg.model.teacher_bf16), stage=stage, distill=cfg.distill,
+                        train=tc)
         build_s = time.perf_counter() - t0
 
-        def batches():
-            epoch = 0
-            while True:
-                order = torch.randperm(n_rows, generator=torch.Generator().manual_seed(tc.seed * 1000 + epoch))
-                for i in range(n_rows // tc.batch_size):  # full batches only, as drop_last
-                    idx = order[i * tc.batch_size : (i + 1) * tc.batch_size]
-                    # Indexing copies, like the collate step that hands the worker fresh tensors.
-                    yield epoch, x0_rows[idx], cond_rows[idx]
-                epoch += 1
+        def epoch(e: int):  # indexing copies, like the collate step that hands the worker fresh tensors
+            order = torch.Generator().manual_seed(tc.seed * 1000 + e)
+            return (split.batch(idx, device) for idx in epoch_batches(len(split), tc.batch_size, order))
 
-        source = batches()
-        micro = tc.batch_size // tc.batch_split
-        windows: list[dict[str, Any]] = []
-        steps: list[dict[str, float]] = []
-        loss_sum, n_window, epoch, step = 0.0, 0, 0, 0
-        t_window = time.perf_counter()
-        cpu_window = cpu_clock()
-        stat_window = machine_busy_ticks()
-        while (step < tc.steps) if stop is None else not stop.is_set():
-            wall0, t_step, cpu0 = time.time(), time.perf_counter(), cpu_clock()
-            epoch, x0_all, cond_all = next(source)
-            x0_all, cond_all = x0_all.to(device), cond_all.to(device)
-            terms: dict[str, float] = {}
-            for m in range(tc.batch_split):
-                x0 = x0_all[m * micro : (m + 1) * micro]
-                cond = cond_all[m * micro : (m + 1) * micro]
-                # Steps past train.steps (paired mode) reuse the seeds cyclically: same cost.
-                gen = torch.Generator(device=device).manual_seed(step_seed(tc.seed, 0, step % tc.steps, m))
-                draws = draw_inputs(x0, dc, gen)
-                out = compute_loss(dc, student, teacher, x0, cond, draws, gen)
-                (out["loss"] / tc.batch_split).backward()
-                for k, v in out.items():
-                    if k.startswith("loss"):
-                        terms[k] = terms.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / tc.batch_split
-            if not math.isfinite(terms["loss"]):
-                raise SystemExit(f"bare loop: non-finite loss at step {step}")
-            clipper(student.parameters())
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema_update(ema, student, tc.ema)
-            steps.append({"start": wall0, "end": time.time(), "s": time.perf_counter() - t_step,
-                          "cpu_s": cpu_clock() - cpu0})
-            loss_sum += terms["loss"]
-            n_window += 1
-            step += 1
-
-            if step % tc.log_every and step != tc.steps:
-                continue
-            now, cpu_now, stat_now = time.perf_counter(), cpu_clock(), machine_busy_ticks()
-            wall = now - t_window
-            machine_cpu = (stat_now[0] - stat_window[0]) / CLK_TCK
-            own_cpu = cpu_now - cpu_window
-            windows.append({"step": step, "steps": n_window, "elapsed_s": wall, "loss": loss_sum / n_window,
-                            "own_cpu_s": own_cpu, "others_cores": max(0.0, machine_cpu - own_cpu) / wall})
-            print(f"[bare {label}] step {step}{'' if stop else f'/{tc.steps}'} loss {loss_sum / n_window:.4g} "
-                  f"{wall / n_window:.3f} s/step", flush=True)
-            loss_sum, n_window = 0.0, 0
-            t_window, cpu_window, stat_window = now, cpu_now, stat_now
+        batches = Batches(epoch, batch_size=tc.batch_size)
+        # Beside the Ray run this is one thread among the driver's: count its CPU only. Alone, count
+        # the whole process, which also covers more than one torch thread.
+        windows, steps = _timed_steps(engine, batches, tc, label, stop,
+                                      time.thread_time if stop is not None else time.process_time)
     finally:
         torch.set_num_threads(threads_before)
 
     res: dict[str, Any] = {"label": label, "threads": worker_threads(cfg), "load_corpus_s": load_s,
-                           "build_models_s": build_s, "epochs": epoch + 1, "windows": windows, "steps": steps}
+                           "build_models_s": build_s, "epochs": batches.position.epoch + 1, "windows": windows,
+                           "steps": steps}
     if stop is not None:
         return res  # the paired mode picks its steps against the Ray run's timeline
     steady = windows[1:]  # the first window holds the warm-up, as on the Ray side
@@ -433,6 +346,38 @@ def bare_loop(cfg, label: str, stop: Optional[threading.Event] = None) -> dict[s
     return res
 
 
+def _timed_steps(engine, batches, tc, label: str, stop: Optional[threading.Event],
+                 cpu_clock) -> tuple[list[dict[str, Any]], list[dict[str, float]]]:
+    """Engine steps with each step's times, and a window (mean loss, time, CPU, others' load)
+    every `log_every` steps, as the worker reports them."""
+    windows: list[dict[str, Any]] = []
+    steps: list[dict[str, float]] = []
+    losses: list[float] = []
+    t_window, cpu_window, stat_window = time.perf_counter(), cpu_clock(), machine_busy_ticks()
+    step = 0
+    while (step < tc.steps) if stop is None else not stop.is_set():
+        wall0, t_step, cpu0 = time.time(), time.perf_counter(), cpu_clock()
+        # Steps past train.steps (paired mode) reuse the seeds cyclically: same cost.
+        measured, _ = engine.step(next(batches), step % tc.steps)
+        steps.append({"start": wall0, "end": time.time(), "s": time.perf_counter() - t_step,
+                      "cpu_s": cpu_clock() - cpu0})
+        losses.append(measured.terms["loss"])
+        step += 1
+        if step % tc.log_every and step != tc.steps:
+            continue
+        now, cpu_now, stat_now = time.perf_counter(), cpu_clock(), machine_busy_ticks()
+        wall, own_cpu = now - t_window, cpu_now - cpu_window
+        machine_cpu = (stat_now[0] - stat_window[0]) / CLK_TCK
+        loss = sum(losses) / len(losses)
+        windows.append({"step": step, "steps": len(losses), "elapsed_s": wall, "loss": loss, "own_cpu_s": own_cpu,
+                        "others_cores": max(0.0, machine_cpu - own_cpu) / wall})
+        print(f"[bare {label}] step {step}{'' if stop else f'/{tc.steps}'} loss {loss:.4g} "
+              f"{wall / len(losses):.3f} s/step", flush=True)
+        losses = []
+        t_window, cpu_window, stat_window = now, cpu_now, stat_now
+    return windows, steps
+
+
 # -- the real job on Ray -------------------------------------------------------------------------
 def ray_run(cfg, ray_cpus: Optional[int], paired: bool = False, bare_nice: int = 0) -> dict[str, Any]:
     """`distill(cfg)` on a fresh local Ray cluster; per-window timings from its MLflow metrics.
@@ -447,7 +392,8 @@ def ray_run(cfg, ray_cpus: Optional[int], paired: bool = False, bare_nice: int =
         t0 = time.perf_counter()
         import ray
 
-        from mdt_ray.train.trainer import distill, ensure_ray
+        from mdt_ray.train.launch import distill
+        from mdt_ray.train.trainer import ensure_ray
 
         import_s = time.perf_counter() - t0
         t0 = time.perf_counter()
@@ -741,8 +687,7 @@ def main(argv=None) -> dict[str, Any]:
     }
     res["summary"] = summarize(mode, bare, ray_res, args.batch)
     print_table(res)
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    write_json(args.json, res)
     return res
 
 

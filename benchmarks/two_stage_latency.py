@@ -10,16 +10,14 @@ The students run without CFG (guidance is distilled in); the teachers use CFG as
 """
 
 import argparse
-import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks._common import cond_tokens, timed, write_json  # noqa: E402
 from mdt_ray.models import build_model  # noqa: E402
 from mdt_ray.two_stage import StageSampling, sample_two_stage  # noqa: E402
 
@@ -38,8 +36,8 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     ss_model = build_model(args.ss).to(device).eval()
     slat_model = build_model(args.slat).to(device).eval()
-    tokens = 64 if ss_model.config_args["cond_channels"] == 64 else 1374
-    cond = torch.randn(args.batch, tokens, ss_model.config_args["cond_channels"]).to(device)
+    channels = ss_model.config_args["cond_channels"]
+    cond = torch.randn(args.batch, cond_tokens(channels), channels).to(device)
     # A fixed structure (a centred ball) for every variant, so stage 2 sees the same voxels and
     # the comparison isolates sampling cost.
     g = torch.arange(32)
@@ -61,18 +59,9 @@ def main(argv=None) -> dict:
     def run(ss, slat):
         sample_two_stage(ss_model, slat_model, cond, ss=ss, slat=slat, structure_to_coords=structure,
                          generator=torch.Generator().manual_seed(0))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
 
-    times = {}
-    for name, (ss, slat) in variants.items():
-        run(ss, slat)  # warm-up
-        samples = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            run(ss, slat)
-            samples.append(time.perf_counter() - t0)
-        times[name] = statistics.median(samples) / args.batch
+    times = {name: timed(lambda: run(ss, slat), args.repeats, device) / args.batch
+             for name, (ss, slat) in variants.items()}
     base = times[next(iter(variants))]
     print(f"two-stage sampling, {args.ss} + {args.slat}, batch {args.batch}, {len(coords)} voxels/asset, {device}, "
           f"median of {args.repeats}")
@@ -84,8 +73,7 @@ def main(argv=None) -> dict:
            "speedup_2x2": base / times["student 2+2 steps"]}
     print(f"speed-up 1x2 steps: {res['speedup_1x2']:.1f}x (paper, TRELLIS-L on A800: 9.0x); "
           f"2x2 steps: {res['speedup_2x2']:.1f}x (paper: 6.5x)")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1))
+    write_json(args.json, res)
     return res
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the working dir under `ray job submit`
 
-from mdt_ray.train.command import main  # noqa: E402
+from mdt_ray.cli.distill import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mdt_ray.tune_command import main  # noqa: E402
+from mdt_ray.cli.sweep import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,11 +2,12 @@
 
 Every block forbids unknown keys, so a typo is an error that names the key instead of a silently
 ignored setting. The dotted names (`distill.lambda_vd`, `train.steps`, ...) are also the MLflow
-param names (DESIGN §7).
+param names.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -230,24 +231,42 @@ def from_dict(tree: dict[str, Any], source: str = "<config>") -> Config:
         raise ConfigError(_format_errors(e, source)) from None
 
 
-def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None) -> Config:
-    """Load a YAML config (or the defaults when `path` is None) and apply `--set` overrides."""
-    tree: dict[str, Any] = {}
-    source = "defaults"
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (a job, sweep or pre-training config)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        loaded = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of blocks, got {type(loaded).__name__}")
+    return loaded
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, block by block (nested mappings merge, everything else replaces)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[list[str]] = None, *,
+                defaults: Optional[dict[str, Any]] = None, defaults_name: str = "defaults") -> Config:
+    """The one config loader: `defaults` (a tree; the schema's defaults when None), then the YAML
+    file on top block by block, then `--set` overrides."""
+    tree: dict[str, Any] = copy.deepcopy(defaults or {})
+    source = defaults_name
     if path is not None:
-        p = Path(path)
-        source = str(p)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of blocks, got {type(loaded).__name__}")
-        tree = loaded
+        tree = merge(tree, read_yaml(path))
+        source = str(path) if defaults is None else f"{path} over the {defaults_name}"
     if overrides:
         tree = apply_overrides(tree, overrides)
         source += " with --set overrides"

@@ -1,4 +1,4 @@
-"""Flow-matching math in TRELLIS's convention (spec §3).
+"""Flow-matching math in TRELLIS's convention.
 
 t ∈ [0, 1], t = 1 is noise, t = 0 is data, and
     x_t = (1 − t)·x_0 + (σ_min + (1 − σ_min)·t)·ε,     v = (1 − σ_min)·ε − x_0.

@@ -3,7 +3,7 @@
 Pure functions of (student, teacher, batch, random draws). Nothing in here draws randomness that
 the caller cannot pass in; `draw_inputs` is the one place that samples t and the noises.
 
-Notation (spec §4): f_S student, f_T frozen teacher, both called as f(x, 1000·t, c);
+Notation: f_S student, f_T frozen teacher, both called as f(x, 1000·t, c);
 w the teacher's CFG scale; guided teacher velocity v_T = (1 + w)·f_T(x, c) − w·f_T(x, c∅).
 
 Cost. One MDT-dist step (discrete derivative, both losses) needs 7 network passes without grad
@@ -213,14 +213,8 @@ def vm_target(
 
 
 def mdt_loss(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    x0: Batch,
-    cond: torch.Tensor,
-    neg_cond: torch.Tensor,
-    *,
-    noise: Batch,
-    t: torch.Tensor,
+    student: torch.nn.Module, teacher: torch.nn.Module, x0: Batch, cond: torch.Tensor, neg_cond: torch.Tensor,
+    *, noise: Batch, t: torch.Tensor,
     fake_noise: Optional[Batch],
     lambda_vm: float = 1.0,
     lambda_vd: float = 1.0,
@@ -312,14 +306,8 @@ def phase_start(t_prev: torch.Tensor, phases: int) -> torch.Tensor:
 
 
 def cm_loss(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    x0: Batch,
-    cond: torch.Tensor,
-    neg_cond: torch.Tensor,
-    *,
-    noise: Batch,
-    t: torch.Tensor,
+    student: torch.nn.Module, teacher: torch.nn.Module, x0: Batch, cond: torch.Tensor, neg_cond: torch.Tensor,
+    *, noise: Batch, t: torch.Tensor,
     dt: float = 0.01,
     cfg_scale: float | Sequence[float] = 40.0,
     sigma_min: float = 1e-5,
@@ -356,14 +344,8 @@ def pcm_loss(student, teacher, x0, cond, neg_cond, *, noise, t, phases: int = 2,
 
 
 def scm_loss(
-    student: torch.nn.Module,
-    teacher: torch.nn.Module,
-    x0: Batch,
-    cond: torch.Tensor,
-    neg_cond: torch.Tensor,
-    *,
-    noise: Batch,
-    t: torch.Tensor,
+    student: torch.nn.Module, teacher: torch.nn.Module, x0: Batch, cond: torch.Tensor, neg_cond: torch.Tensor,
+    *, noise: Batch, t: torch.Tensor,
     cfg_scale: float | Sequence[float] = 40.0,
     sigma_min: float = 1e-5,
     generator: Optional[torch.Generator] = None,
@@ -441,29 +423,44 @@ def draw_inputs(x0: Batch, distill, generator: Optional[torch.Generator] = None)
     return draws
 
 
+def _mdt_or_vm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
+    return mdt_loss(
+        student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"],
+        fake_noise=draws.get("fake_noise"), lambda_vm=distill.lambda_vm,
+        lambda_vd=distill.lambda_vd if distill.method == "mdt" else 0.0, dt=distill.dt, cfg_vm=distill.cfg_vm,
+        cfg_vd=distill.cfg_vd, d_norm=distill.d_norm, derivative=distill.derivative, generator=generator,
+        sigma_min=distill.sigma_min,
+    )
+
+
+def _cm_or_pcm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
+    return cm_loss(
+        student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"], dt=distill.dt,
+        cfg_scale=distill.cfg_vm, phases=distill.phases if distill.method == "pcm" else 1, generator=generator,
+        sigma_min=distill.sigma_min,
+    )
+
+
+def _scm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
+    return scm_loss(student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"],
+                    cfg_scale=distill.cfg_vm, generator=generator, sigma_min=distill.sigma_min)
+
+
+def _fm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
+    return fm_loss(student, x0, cond, noise=draws["noise"], t=draws["t"], drop=draws.get("drop"),
+                   sigma_min=distill.sigma_min)
+
+
+# `distill.method` → the objective with the config's settings. A new objective is a pure loss
+# function above plus one entry here (and its name in DistillConfig.method).
+METHODS: dict[str, Callable[..., dict[str, Any]]] = {
+    "mdt": _mdt_or_vm, "vm": _mdt_or_vm, "cm": _cm_or_pcm, "pcm": _cm_or_pcm, "scm": _scm, "fm": _fm,
+}
+
+
 def compute_loss(distill, student, teacher, x0: Batch, cond: torch.Tensor, draws: dict[str, Any],
                  generator: Optional[torch.Generator] = None) -> dict[str, Any]:
-    """Dispatch on `distill.method` (mdt | vm | cm | pcm | scm | fm) with the config's settings."""
-    neg_cond = torch.zeros_like(cond)
-    m = distill.method
-    common = dict(sigma_min=distill.sigma_min)
-    if m in ("mdt", "vm"):
-        return mdt_loss(
-            student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"],
-            fake_noise=draws.get("fake_noise"), lambda_vm=distill.lambda_vm,
-            lambda_vd=distill.lambda_vd if m == "mdt" else 0.0, dt=distill.dt, cfg_vm=distill.cfg_vm,
-            cfg_vd=distill.cfg_vd, d_norm=distill.d_norm, derivative=distill.derivative,
-            generator=generator, **common,
-        )
-    if m in ("cm", "pcm"):
-        return cm_loss(
-            student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"], dt=distill.dt,
-            cfg_scale=distill.cfg_vm, phases=distill.phases if m == "pcm" else 1, generator=generator,
-            **common,
-        )
-    if m == "scm":
-        return scm_loss(student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"],
-                        cfg_scale=distill.cfg_vm, generator=generator, **common)
-    if m == "fm":
-        return fm_loss(student, x0, cond, noise=draws["noise"], t=draws["t"], drop=draws.get("drop"), **common)
-    raise ValueError(f"unknown distill.method {m!r}")
+    """The loss of `distill.method` on one batch, with the draws of `draw_inputs`."""
+    if distill.method not in METHODS:
+        raise ValueError(f"unknown distill.method {distill.method!r}; known: {sorted(METHODS)}")
+    return METHODS[distill.method](distill, student, teacher, x0, cond, torch.zeros_like(cond), draws, generator)

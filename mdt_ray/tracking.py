@@ -1,4 +1,4 @@
-"""MLflow set-up and logging: one run per distillation job, params under DESIGN §7's dotted names.
+"""MLflow set-up and logging: one run per distillation job, params under the config's dotted names.
 
 The driver creates (or, on resume, reopens) the run and hands its id to the workers; rank 0 logs
 step metrics and artifacts into that run through an `MlflowClient`, so no worker ever starts a

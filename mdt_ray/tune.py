@@ -35,10 +35,9 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mdt_ray.config import Config, ConfigError, apply_overrides, from_dict
+from mdt_ray.config import Config, ConfigError, _format_errors, apply_overrides, from_dict, read_yaml
 
 # ---------------------------------------------------------------------------------------------
 # Sweep configuration
@@ -124,7 +123,7 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None) -
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"sweep file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    raw = read_yaml(p)
     sweep_over = [o for o in (overrides or []) if o.startswith("sweep.")]
     cfg_over = [o for o in (overrides or []) if not o.startswith("sweep.")]
     if sweep_over:
@@ -132,15 +131,13 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None) -
     try:
         spec_file = SweepFile.model_validate(raw)
     except ValidationError as e:
-        from mdt_ray.config import _format_errors
-
         raise ConfigError(_format_errors(e, str(p))) from None
     tree: dict[str, Any] = {}
     if spec_file.base:
         base_path = (p.parent / spec_file.base) if not Path(spec_file.base).is_absolute() else Path(spec_file.base)
         if not base_path.is_file():
             raise ConfigError(f"{p}: base config not found: {base_path}")
-        tree = yaml.safe_load(base_path.read_text()) or {}
+        tree = read_yaml(base_path)
     for key, value in spec_file.overrides.items():
         tree = _dotted_set(tree, key, value)
     if cfg_over:
@@ -198,39 +195,37 @@ def fit_concurrency(cfg: Config, spec: SweepSpec) -> int:
 
 
 def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optional[str],
-           tracking_uri: Optional[str], experiment: str, sweep_name: str, storage_path: str) -> None:
-    """One trial: a full distillation run reported to Tune through TuneReportCallback."""
-    import ray
+           tracking_uri: Optional[str], experiment: str, sweep_name: str, storage_path: str,
+           resume: bool = False) -> None:
+    """One trial: a distillation run launched as `distill` launches one, under the sweep's MLflow
+    parent run, reported to Tune through TuneReportCallback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mdt_ray import tracking
-    from mdt_ray.train.trainer import build_trainer, load_eval_data
+    from mdt_ray.train.launch import Tracking, launch
 
-    trial_tree = copy.deepcopy(tree)
-    for key, value in params.items():
-        trial_tree = _dotted_set(trial_tree, key, value)
-    trial_name, trial_id = tune.get_context().get_trial_name(), tune.get_context().get_trial_id()
-    trial_tree = _dotted_set(trial_tree, "run.name", trial_name)
-    trial_tree = _dotted_set(trial_tree, "run.storage_path", storage_path.rstrip("/") + f"/{sweep_name}-trials")
-    cfg = from_dict(trial_tree, f"trial {trial_name}")
-    if cfg.train.eval_every == 0:
-        # ASHA compares trials at every report: have the eval metric in each one.
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": cfg.train.log_every})})
-    run_id = None
-    if tracking_uri:
-        run_id = tracking.start_run(tracking_uri, experiment, trial_name, {**cfg.flat(), **{"trial": trial_name}},
-                                    parent_run_id=parent_run_id,
-                                    tags={"mdt_ray.sweep": sweep_name, "mdt_ray.trial_id": trial_id})
-    eval_data = load_eval_data(cfg)
-    trainer = build_trainer(cfg, mlflow_run_id=run_id, tracking_uri=tracking_uri,
-                            callbacks=[TuneReportCallback()],
-                            eval_data=ray.put(eval_data) if eval_data is not None else None)
+    context = tune.get_context()
+    name, trial_id = context.get_trial_name(), context.get_trial_id()
+    cfg = trial_config(tree, params, name, storage_path.rstrip("/") + f"/{sweep_name}-trials")
     # The trial leaves its MLflow run open: the driver closes every child run from the status Tune
     # reports (_close_children). In Ray 2.60 a trial the scheduler stops can still be running
     # here, raising or returning, after tuner.fit() has returned, so a status written from here
     # would race the driver's (CI saw a stopped trial's late FAILED overwrite its KILLED).
-    trainer.fit()
+    tracking = Tracking(tracking_uri, experiment, parent_run_id=parent_run_id, params={"trial": name},
+                        tags={"mdt_ray.sweep": sweep_name, "mdt_ray.trial_id": trial_id}, close=False)
+    launch(cfg, resume=resume, tracking=tracking, callbacks=[TuneReportCallback()])
+
+
+def trial_config(tree: dict[str, Any], params: dict[str, Any], name: str, storage_path: str) -> Config:
+    """The config of the trial `name`: the sweep's base tree with the trial's values."""
+    trial_tree = copy.deepcopy(tree)
+    for key, value in {**params, "run.name": name, "run.storage_path": storage_path}.items():
+        trial_tree = _dotted_set(trial_tree, key, value)
+    cfg = from_dict(trial_tree, f"trial {name}")
+    if cfg.train.eval_every == 0:
+        # ASHA compares trials at every report: have the eval metric in each one.
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"eval_every": cfg.train.log_every})})
+    return cfg
 
 
 # Tune's view of a trial -> the status of its MLflow run.
@@ -265,104 +260,134 @@ def _trial_id(result) -> str:
 
 
 def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
-    """Run the sweep; returns {"best": {...}, "trials": [...], "parent_run_id": ...}."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
-
+    """Run the sweep; returns {"best": {...}, "trials": [...], "parent_run_id": ..., "table": ...}."""
     from mdt_ray import tracking
-    from mdt_ray.data.storage import is_s3, pyarrow_fs
+    from mdt_ray.train.launch import Tracking
     from mdt_ray.train.trainer import ensure_ray
 
     ensure_ray()
-    storage_path, storage_fs = spec.storage_path, None
-    if is_s3(storage_path):
-        storage_fs, storage_path = pyarrow_fs(storage_path, cfg.data.storage_endpoint, cfg.data.storage_region)
-    else:
-        storage_path = str(Path(storage_path).expanduser().resolve())
-
-    uri = tracking.resolve_uri(cfg.tracking.resolved_uri()) if cfg.tracking.enabled else None
+    uri = Tracking.of(cfg).uri
     parent = None
     if uri:
         parent = tracking.start_run(uri, cfg.tracking.experiment, spec.name,
-                                    {"sweep.space": json.dumps({k: v.model_dump(exclude_none=True) for k, v in spec.space.items()}),
+                                    {"sweep.space": json.dumps({k: v.model_dump(exclude_none=True)
+                                                                for k, v in spec.space.items()}),
                                      "sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.search": spec.search,
                                      **cfg.flat()},
                                     tags={"mdt_ray.sweep": spec.name})
+    results = _tuner(cfg, spec, tree, uri, parent, resume).fit()
+    trials = [_outcome(r, spec, cfg.train.steps) for r in results]
+    ok = [t for t in trials if t["metric"] is not None and t["status"] != "ERROR"]
+    best = (min if spec.mode == "min" else max)(ok, key=lambda t: t["metric"]) if ok else None
+    table = format_table(trials, spec)
+    print(table, flush=True)
+    for t in trials:
+        if t["error"]:
+            print(f"[mdt-ray] trial {t['trial']} failed: {t['error']}", flush=True)
+    if best:
+        print(f"[mdt-ray] best trial {best['trial']}: {spec.metric}={best['metric']:.4g} params {best['params']}\n"
+              f"[mdt-ray] best checkpoint: {best['checkpoint']}", flush=True)
+    if parent:
+        _log_to_parent(uri, parent, spec, trials, best, table)
+        tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
+    return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
 
-    trial_storage = spec.storage_path if is_s3(spec.storage_path) else storage_path
+
+def _tuner(cfg: Config, spec: SweepSpec, tree: dict[str, Any], uri: Optional[str], parent: Optional[str],
+           resume: bool):
+    """The Tuner of the sweep (restored from its experiment folder when resuming one)."""
+    from ray import tune
+
+    from mdt_ray.data.storage import StorageTarget
+
+    sweep_store = StorageTarget.from_data_config(cfg.data, spec.storage_path)
+    if sweep_store.is_s3:
+        storage_fs, storage_path = sweep_store.pyarrow_fs()
+    else:
+        storage_fs, storage_path = None, str(Path(spec.storage_path).expanduser().resolve())
     trainable = tune.with_parameters(
         _trial, tree=tree, parent_run_id=parent, tracking_uri=uri, experiment=cfg.tracking.experiment,
-        sweep_name=spec.name, storage_path=trial_storage,
+        sweep_name=spec.name, storage_path=spec.storage_path if sweep_store.is_s3 else storage_path, resume=resume,
     )
     # The trial function only drives a TorchTrainer; its workers hold the real resources.
     # Ray 2.60 rejects {"cpu": 0}, so the driver actor takes a sliver.
     trainable = tune.with_resources(trainable, {"cpu": 0.01})
-
-    scheduler = None
-    if spec.scheduler.type == "asha":
-        scheduler = ASHAScheduler(time_attr="step", max_t=cfg.train.steps + 1, grace_period=spec.scheduler.grace_period,
-                                  reduction_factor=spec.scheduler.reduction_factor)
-    search_alg = None
-    if spec.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
-
-        search_alg = OptunaSearch(seed=spec.seed)
-    elif spec.search == "random":
-        from ray.tune.search import BasicVariantGenerator
-
-        search_alg = BasicVariantGenerator(random_state=spec.seed)
-
     concurrency = fit_concurrency(cfg, spec)
-    tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=scheduler, search_alg=search_alg,
-                                  num_samples=spec.num_samples, max_concurrent_trials=concurrency)
-    run_config = tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs)
     exp_path = f"{storage_path.rstrip('/')}/{spec.name}"
     print(f"[mdt-ray] sweep {spec.name}: {spec.search} search over {sorted(spec.space)}, "
           f"metric {spec.metric} ({spec.mode}), {concurrency} trial(s) at a time -> {exp_path}", flush=True)
     if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
-        tuner = tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=storage_fs)
-    else:
-        tuner = tune.Tuner(trainable, param_space=_tune_space(spec), tune_config=tune_config, run_config=run_config)
-    results = tuner.fit()
+        return tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=storage_fs)
+    tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=_scheduler(cfg, spec),
+                                  search_alg=_search_alg(spec), num_samples=spec.num_samples,
+                                  max_concurrent_trials=concurrency)
+    run_config = tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs)
+    return tune.Tuner(trainable, param_space=_tune_space(spec), tune_config=tune_config, run_config=run_config)
 
-    trials = []
-    for r in results:
-        m = r.metrics or {}
-        trials.append({
-            "trial": _trial_id(r),
-            "params": {k: (r.config or {}).get(k) for k in spec.space},
-            "metric": m.get(spec.metric),
-            "step": m.get("step"),
-            "status": "ERROR" if r.error else ("STOPPED" if m.get("step", 0) < cfg.train.steps else "DONE"),
-            "checkpoint": m.get("checkpoint_path"),
-        })
-    ok = [t for t in trials if t["metric"] is not None and t["status"] != "ERROR"]
-    best = None
-    if ok:
-        best = (min if spec.mode == "min" else max)(ok, key=lambda t: t["metric"])
-    table = format_table(trials, spec)
-    print(table, flush=True)
+
+def _scheduler(cfg: Config, spec: SweepSpec):
+    if spec.scheduler.type != "asha":
+        return None
+    from ray.tune.schedulers import ASHAScheduler
+
+    return ASHAScheduler(time_attr="step", max_t=cfg.train.steps + 1, grace_period=spec.scheduler.grace_period,
+                         reduction_factor=spec.scheduler.reduction_factor)
+
+
+def _search_alg(spec: SweepSpec):
+    if spec.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(seed=spec.seed)
+    if spec.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return BasicVariantGenerator(random_state=spec.seed)
+    return None
+
+
+def _outcome(result, spec: SweepSpec, steps: int) -> dict[str, Any]:
+    """One row of the sweep's report from Tune's result of a trial."""
+    m = result.metrics or {}
+    return {
+        "trial": _trial_id(result),
+        "params": {k: (result.config or {}).get(k) for k in spec.space},
+        "metric": m.get(spec.metric),
+        "step": m.get("step"),
+        "status": "ERROR" if result.error else ("STOPPED" if m.get("step", 0) < steps else "DONE"),
+        "checkpoint": m.get("checkpoint_path"),
+        "error": _error_line(result.error) if result.error else None,
+    }
+
+
+def _error_line(error: BaseException) -> str:
+    """The message of the error that failed a trial, without Ray's wrapping (a RayTaskError's
+    `cause` is the trial's own exception; a TuneError's text ends with it)."""
+    while getattr(error, "cause", None) is not None and error.cause is not error:
+        error = error.cause
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _log_to_parent(uri: str, parent: str, spec: SweepSpec, trials: list[dict[str, Any]], best: Optional[dict],
+                   table: str) -> None:
+    """The trial table and the best trial on the parent run; every child run closed."""
+    from mlflow.tracking import MlflowClient
+
+    from mdt_ray import tracking
+
+    logger = tracking.RunLogger(uri, parent)
+    logger.log_text(table, "trials.txt")
+    logger.log_text(json.dumps(trials, indent=1, default=str), "trials.json")
     if best:
-        print(f"[mdt-ray] best trial {best['trial']}: {spec.metric}={best['metric']:.4g} params {best['params']}\n"
-              f"[mdt-ray] best checkpoint: {best['checkpoint']}", flush=True)
-    if uri and parent:
-        logger = tracking.RunLogger(uri, parent)
-        logger.log_text(table, "trials.txt")
-        logger.log_text(json.dumps(trials, indent=1, default=str), "trials.json")
-        if best:
-            logger.log_metrics({f"best_{spec.metric}": best["metric"]}, step=0)
-            logger.log_text(json.dumps(best, indent=1, default=str), "best_trial.json")
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(uri)
-            client.set_tag(parent, "best_trial", best["trial"])
-            client.set_tag(parent, "best_checkpoint", str(best["checkpoint"]))
-            for k, v in best["params"].items():
-                client.set_tag(parent, f"best.{k}", str(v))
-        _close_children(uri, parent, trials)
-        tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
-    return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
+        logger.log_metrics({f"best_{spec.metric}": best["metric"]}, step=0)
+        logger.log_text(json.dumps(best, indent=1, default=str), "best_trial.json")
+        client = MlflowClient(uri)
+        client.set_tag(parent, "best_trial", best["trial"])
+        client.set_tag(parent, "best_checkpoint", str(best["checkpoint"]))
+        for k, v in best["params"].items():
+            client.set_tag(parent, f"best.{k}", str(v))
+    _close_children(uri, parent, trials)
 
 
 def format_table(trials: list[dict[str, Any]], spec: SweepSpec) -> str:

@@ -9,7 +9,7 @@ which a caller passes in as `structure_to_coords`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from mdt_ray import flow
 from mdt_ray.models.sparse import SparseBatch
+from mdt_ray.stages import sample_kwargs
 
 
 @dataclass
@@ -25,6 +26,10 @@ class StageSampling:
     cfg_strength: float = 0.0
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     rescale_t: float = 1.0
+
+    def sample(self, model: torch.nn.Module, noise, cond: torch.Tensor, neg: torch.Tensor):
+        """This stage's Euler sampler from `noise` (dense latents or a SparseBatch)."""
+        return flow.sample(model, noise, cond, neg, steps=self.steps, **sample_kwargs(asdict(self)))
 
 
 def synthetic_structure(latents: torch.Tensor) -> list[np.ndarray]:
@@ -58,13 +63,11 @@ def sample_two_stage(
     shape = (cond.shape[0], a["in_channels"], a["resolution"], a["resolution"], a["resolution"])
     noise = torch.randn(shape, generator=generator).to(device)
     neg = torch.zeros_like(cond)
-    latents = flow.sample(ss_model, noise, cond, neg, steps=ss.steps, cfg_strength=ss.cfg_strength,
-                          cfg_interval=ss.cfg_interval, rescale_t=ss.rescale_t)
+    latents = ss.sample(ss_model, noise, cond, neg)
     coords = [torch.as_tensor(c, device=device) for c in structure_to_coords(latents)]
     channels = slat_model.config_args["in_channels"]
     feats = [torch.randn(len(c), channels, generator=generator).to(device) for c in coords]
-    x = flow.sample(slat_model, SparseBatch.from_list(coords, feats), cond, neg, steps=slat.steps,
-                    cfg_strength=slat.cfg_strength, cfg_interval=slat.cfg_interval, rescale_t=slat.rescale_t)
+    x = slat.sample(slat_model, SparseBatch.from_list(coords, feats), cond, neg)
     if slat_mean is not None and slat_std is not None:
         mean = torch.as_tensor(slat_mean, dtype=x.feats.dtype, device=device)
         std = torch.as_tensor(slat_std, dtype=x.feats.dtype, device=device)

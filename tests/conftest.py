@@ -1,5 +1,5 @@
 """Shared test set-up: a private temp dir for Ray and friends, a real S3 server on loopback
-(moto_server), fresh buckets, and one local Ray session for the whole test run.
+(moto, tests/s3_server.py), fresh buckets, and one local Ray session for the whole test run.
 
 The environment is set at import, before any test module imports Ray: Ray reads RAY_TMPDIR and
 the auth-token path when it starts, and its unix socket paths must stay under ~107 characters,
@@ -42,10 +42,9 @@ with open(os.open(os.environ["RAY_AUTH_TOKEN_PATH"], os.O_WRONLY | os.O_CREAT, 0
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on a free loopback port; AWS_* point at it for the whole session."""
-    from mdt_ray.data.local_s3 import LocalS3, apply_env, restore_env
+    from tests.s3_server import LocalS3, apply_env, restore_env
 
-    # moto imports a lot before it listens: allow for a machine busy with other jobs.
-    server = LocalS3(log_path=os.path.join(_ROOT, "moto.log"), start_timeout=120).start()
+    server = LocalS3().start()
     old = apply_env(server.env())
     try:
         yield server.endpoint
@@ -57,7 +56,7 @@ def s3_server():
 @pytest.fixture
 def s3_bucket(s3_server):
     """A fresh, uniquely named bucket on the session's S3 server; emptied and removed after."""
-    from mdt_ray.data.local_s3 import create_bucket, delete_bucket
+    from tests.s3_server import create_bucket, delete_bucket
 
     name = create_bucket(s3_server, f"t-{uuid.uuid4().hex[:16]}")
     yield name

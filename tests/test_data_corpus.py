@@ -12,25 +12,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mdt_ray.data import cli as corpus_cli
+from mdt_ray.cli import corpus as corpus_cli
 from mdt_ray.data import synthetic
 from mdt_ray.data.corpus import build_synthetic, inspect_corpus
 from mdt_ray.data.pipeline import load_local
 from mdt_ray.data.schema import MANIFEST_FILE, MANIFEST_KEY, CorpusError, Manifest, read_manifest
-from mdt_ray.data.storage import pyarrow_fs
+from mdt_ray.data.storage import StorageTarget
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # -- helpers shared with the pipeline tests ------------------------------------------------------
 def shard_rows(manifest: Manifest, shard_uri: str) -> pa.Table:
-    fs, path = pyarrow_fs(shard_uri)
+    fs, path = StorageTarget(shard_uri).pyarrow_fs()
     with fs.open_input_file(path) as f:
         return pq.read_table(f)
 
 
 def write_raw(shard_uri: str, table: pa.Table) -> None:
-    fs, path = pyarrow_fs(shard_uri)
+    fs, path = StorageTarget(shard_uri).pyarrow_fs()
     with fs.open_output_stream(path) as f:
         pq.write_table(table, f)
 
@@ -52,7 +52,7 @@ def replace_with_wrong_shape_row(manifest: Manifest, shard_uri: str, row: int) -
 
 def damage_column_pages(shard_uri: str, column: str) -> None:
     """Flip bytes in the middle of one column chunk; the footer stays intact."""
-    fs, path = pyarrow_fs(shard_uri)
+    fs, path = StorageTarget(shard_uri).pyarrow_fs()
     with fs.open_input_file(path) as f:
         data = bytearray(f.read())
     meta = pq.ParquetFile(pa.BufferReader(bytes(data))).metadata
@@ -68,7 +68,7 @@ def damage_column_pages(shard_uri: str, column: str) -> None:
 
 
 def truncate(shard_uri: str) -> None:
-    fs, path = pyarrow_fs(shard_uri)
+    fs, path = StorageTarget(shard_uri).pyarrow_fs()
     with fs.open_input_file(path) as f:
         data = f.read()
     with fs.open_output_stream(path) as f:
@@ -92,10 +92,10 @@ def test_manifest_and_statistics(corpus):
     assert m.source["kind"] == "synthetic" and m.source["seed"] == 5
     assert all(s.num_bytes > 0 for s in m.shards)
     # the manifest is JSON in the Parquet schema metadata of _common_metadata
-    fs, path = pyarrow_fs(corpus)
+    fs, path = StorageTarget(corpus).pyarrow_fs()
     raw = json.loads(pq.read_schema(f"{path}/{MANIFEST_FILE}").metadata[MANIFEST_KEY])
     assert raw["num_rows"] == 30 and raw["cond_shape"] == [64, 64]
-    # statistics: ss per channel over all elements; slat per spec §1.2 (mean of per-asset means)
+    # statistics: ss per channel over all elements; slat as TRELLIS computes it (mean of per-asset means)
     ss = load_local(corpus)
     x = ss["x0"].transpose(1, 0, 2, 3, 4).reshape(8, -1)
     np.testing.assert_allclose(m.ss_mean, x.mean(1), atol=1e-6)

@@ -14,7 +14,7 @@ from mdt_ray.data import synthetic
 from mdt_ray.data.corpus import build_synthetic
 from mdt_ray.data.pipeline import load_local, make_dataset, slat_batches, torch_batches
 from mdt_ray.data.schema import CorpusError, read_manifest
-from mdt_ray.data.storage import StorageError
+from mdt_ray.data.storage import StorageError, StorageTarget
 from tests.test_data_corpus import damage_column_pages, replace_with_wrong_shape_row, truncate
 
 pytestmark = pytest.mark.ray
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def bucket(s3_server):
     # A module-wide bucket (s3_bucket is per test): the corpora below are shared by several tests.
-    from mdt_ray.data.local_s3 import create_bucket, delete_bucket
+    from tests.s3_server import create_bucket, delete_bucket
 
     name = create_bucket(s3_server, f"pipe-{uuid.uuid4().hex[:12]}")
     yield name
@@ -174,7 +174,7 @@ def test_dataset_errors_are_quick_and_clear(ray_local, s3_server, s3_corpus):
     with pytest.raises(StorageError, match="bucket 'missing-bucket-abc' does not exist"):
         make_dataset("s3://missing-bucket-abc/corpus")
     with pytest.raises(StorageError, match=r"http://127\.0\.0\.1:1 \(bucket 'x-bucket'\) is unreachable"):
-        make_dataset("s3://x-bucket/corpus", endpoint_url="http://127.0.0.1:1")
+        make_dataset(StorageTarget("s3://x-bucket/corpus", endpoint_url="http://127.0.0.1:1"))
     assert time.monotonic() - start < 15
     with pytest.raises(ValueError, match="stage must be one of"):
         make_dataset(s3_corpus, stage="mesh")

@@ -1,40 +1,66 @@
 """Storage access against a real S3-protocol server on loopback: round trips, retries, and clear,
 bounded-time errors for a missing bucket, a closed port and an endpoint that never answers."""
 
+import dataclasses
+import pickle
 import socket
 import time
 
 import pyarrow.fs as pafs
 import pytest
 
+from mdt_ray.config import DataConfig
 from mdt_ray.data import storage
 from mdt_ray.data.schema import CorpusError, read_manifest
+from mdt_ray.data.storage import S3Settings, StorageTarget
 
 
 def test_uri_helpers():
-    assert storage.is_s3("s3://b/k") and not storage.is_s3("/tmp/x") and not storage.is_s3("data/x")
+    assert StorageTarget("s3://b/k").is_s3 and not StorageTarget("/tmp/x").is_s3 and not StorageTarget("data/x").is_s3
     assert storage.split_s3("s3://bucket/a/b/") == ("bucket", "a/b")
     assert storage.join("s3://b/c/", "part-0.parquet") == "s3://b/c/part-0.parquet"
     with pytest.raises(ValueError, match="without a bucket"):
         storage.split_s3("s3:///key")
     with pytest.raises(ValueError, match="unsupported storage URI"):
-        storage.pyarrow_fs("gs://bucket/x")
+        StorageTarget("gs://bucket/x").pyarrow_fs()
 
 
-def test_settings_come_from_arguments_then_environment(monkeypatch):
+def test_target_keeps_its_store_on_every_derived_uri():
+    target = StorageTarget("s3://b/corpus/", "http://store:9000", "eu-west-1")
+    assert target.uri == "s3://b/corpus"
+    shard = target.join("part-00000.parquet")
+    assert shard == StorageTarget("s3://b/corpus/part-00000.parquet", "http://store:9000", "eu-west-1")
+    assert target.with_uri("s3://b/eval") == StorageTarget("s3://b/eval", "http://store:9000", "eu-west-1")
+    assert shard.describe() == "s3://b/corpus/part-00000.parquet (at http://store:9000)"
+    assert StorageTarget("data/x", "http://store:9000").describe() == "data/x"
+    assert storage.as_target(target) is target and storage.as_target("data/x") == StorageTarget("data/x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        target.uri = "s3://b/other"
+
+    data = DataConfig(uri="s3://b/train", eval_uri="s3://b/held", storage_endpoint="http://store:9000",
+                      storage_region="eu-west-1")
+    assert StorageTarget.from_data_config(data) == StorageTarget("s3://b/train", "http://store:9000", "eu-west-1")
+    held = StorageTarget.from_data_config(data, data.eval_uri)
+    assert (held.uri, held.endpoint_url, held.region) == ("s3://b/held", "http://store:9000", "eu-west-1")
+    # Ray tasks and spawned build processes receive the target by pickling.
+    assert pickle.loads(pickle.dumps(held)) == held
+
+
+def test_settings_come_from_the_target_then_environment(monkeypatch):
     for k in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(k, raising=False)
-    assert storage.s3_settings() == storage.S3Settings(None, None)
+    bare = StorageTarget("s3://bkt/x")
+    assert bare.settings() == S3Settings(None, None)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://generic:1")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    assert storage.s3_settings() == storage.S3Settings("http://generic:1", "eu-west-1")
+    assert bare.settings() == S3Settings("http://generic:1", "eu-west-1")
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3-specific:2/")
     monkeypatch.setenv("AWS_REGION", "eu-north-1")
-    assert storage.s3_settings() == storage.S3Settings("http://s3-specific:2", "eu-north-1")
-    assert storage.s3_settings("https://arg:3", "ap-south-1") == storage.S3Settings("https://arg:3", "ap-south-1")
+    assert bare.settings() == S3Settings("http://s3-specific:2", "eu-north-1")
+    assert StorageTarget("s3://bkt/x", "https://arg:3", "ap-south-1").settings() == S3Settings("https://arg:3", "ap-south-1")
     with pytest.raises(ValueError, match="not a URL"):
-        storage.s3_settings("localhost:9000")
-    fs, path = storage.pyarrow_fs("s3://bkt/some/prefix/", "http://127.0.0.1:9")
+        StorageTarget("s3://bkt/x", "localhost:9000").settings()
+    fs, path = StorageTarget("s3://bkt/some/prefix/", "http://127.0.0.1:9").pyarrow_fs()
     assert isinstance(fs, pafs.S3FileSystem) and path == "bkt/some/prefix"
 
 
@@ -70,17 +96,18 @@ def test_retry_backs_off_on_transient_errors_only():
 
 def test_pyarrow_and_s3fs_round_trip(s3_server, s3_bucket):
     uri = f"s3://{s3_bucket}/dir/blob.bin"
-    fs, path = storage.pyarrow_fs(uri)
+    target = StorageTarget(uri)
+    fs, path = target.pyarrow_fs()
     with fs.open_output_stream(path) as f:
         f.write(b"written by pyarrow")
-    s3, key = storage.s3fs_fs(uri)
+    s3, key = target.s3fs()
     assert key == path
     assert s3.cat_file(key) == b"written by pyarrow"
     with s3.open(f"{s3_bucket}/dir/other.bin", "wb") as f:
         f.write(b"written by s3fs")
     with fs.open_input_stream(f"{s3_bucket}/dir/other.bin") as f:
         assert f.read() == b"written by s3fs"
-    storage.check_bucket(uri)  # exists: no error
+    target.check_bucket()  # exists: no error
 
 
 def test_missing_bucket_is_named(s3_server):
@@ -97,7 +124,7 @@ def test_closed_port_fails_fast_naming_endpoint_and_bucket(s3_server):
     endpoint = f"http://127.0.0.1:{port}"
     start = time.monotonic()
     with pytest.raises(storage.StorageError, match=rf"{endpoint} \(bucket 'somebucket'\) is unreachable"):
-        read_manifest("s3://somebucket/corpus", endpoint_url=endpoint)
+        read_manifest(StorageTarget("s3://somebucket/corpus", endpoint))
     assert time.monotonic() - start < 10
 
 
@@ -110,14 +137,14 @@ def test_silent_endpoint_times_out_instead_of_hanging(s3_server):
     try:
         start = time.monotonic()
         with pytest.raises(storage.StorageError, match=rf"{endpoint} \(bucket 'quiet'\) did not answer within"):
-            storage.probe_endpoint("s3://quiet/x", endpoint, timeout=1.5)
+            StorageTarget("s3://quiet/x", endpoint).probe(timeout=1.5)
         assert time.monotonic() - start < 5
     finally:
         listener.close()
 
 
 def test_local_paths_need_no_server(tmp_path):
-    fs, path = storage.pyarrow_fs(str(tmp_path / "c"))
+    fs, path = StorageTarget(tmp_path / "c").pyarrow_fs()
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path / "c")
     with pytest.raises(CorpusError, match="no corpus at .*does not exist"):
         read_manifest(str(tmp_path / "c"))

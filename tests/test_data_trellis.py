@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mdt_ray.data import cli as corpus_cli
+from mdt_ray.cli import corpus as corpus_cli
 from mdt_ray.data.pipeline import load_local
 from mdt_ray.data.schema import CorpusError, read_manifest
 from mdt_ray.data.trellis_import import TrellisImportError, import_trellis

@@ -167,7 +167,7 @@ def test_trellis_large_stage2_on_meta():
     # norm2 of the ResBlocks has no affine; only the ResBlocks' first-level blocks have no skip.
     assert not any(".norm2." in k for k in sd if "_blocks." in k)
     assert "input_blocks.0.skip_connection.weight" not in sd
-    # The released file's element counts per dtype (spec §2.4).
+    # The released file's element counts per dtype.
     f16 = sum(v.numel() for v in sd.values() if v.dtype == torch.float16)
     f32 = sum(v.numel() for v in sd.values() if v.dtype == torch.float32)
     assert (f16, f32) == (599_014_144, 1_418_376)

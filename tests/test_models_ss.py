@@ -39,7 +39,7 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def is_fp16_key(key: str) -> bool:
-    """Spec §2.4: Linear weights/biases inside `blocks.*` are F16; norms, gammas and the rest F32."""
+    """TRELLIS's layout: Linear weights/biases inside `blocks.*` are F16; norms, gammas and the rest F32."""
     return key.startswith("blocks.") and not (".norm" in key or "rms_norm.gamma" in key)
 
 
@@ -125,7 +125,7 @@ def test_trellis_large_stage1_on_meta():
         assert tuple(sd[key].shape) == shape, key
     assert "pos_emb" in dict(model.named_buffers()) and "pos_emb" not in dict(model.named_parameters())
     assert not any(k.startswith("blocks.0.norm1") or k.startswith("blocks.0.norm3") for k in sd)
-    # The released file's element counts per dtype (spec §2.4).
+    # The released file's element counts per dtype.
     f16 = sum(v.numel() for v in sd.values() if v.dtype == torch.float16)
     f32 = sum(v.numel() for v in sd.values() if v.dtype == torch.float32)
     assert (f16, f32) == (554_115_072, 5_622_792)

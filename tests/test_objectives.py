@@ -1,4 +1,4 @@
-"""MDT-dist and baseline objectives against independent hand computations of spec §4."""
+"""MDT-dist and baseline objectives against independent hand computations."""
 
 import copy
 
@@ -25,7 +25,7 @@ def _setup(seed=0, b=3):
 
 
 def _hand_vm_target(student, teacher, x0, noise, t, cond, *, dt, w, d_norm):
-    """Spec §4.3, written out sample by sample with no batching tricks."""
+    """The VM target (paper eq. for L_VM), written out sample by sample with no batching tricks."""
     out = []
     for i in range(x0.shape[0]):
         ti = float(t[i])
@@ -140,7 +140,10 @@ def test_cm_and_pcm_targets_by_hand():
     neg = torch.zeros_like(cond)
     dt, w = 0.02, 1.5
     for phases in (1, 2, 4):
-        out = obj.cm_loss(student, teacher, x0, cond, neg, noise=noise, t=t, dt=dt, cfg_scale=w, phases=phases)
+        if phases == 1:
+            out = obj.cm_loss(student, teacher, x0, cond, neg, noise=noise, t=t, dt=dt, cfg_scale=w)
+        else:  # the public PCM entry point, checked against the same hand computation
+            out = obj.pcm_loss(student, teacher, x0, cond, neg, noise=noise, t=t, dt=dt, cfg_scale=w, phases=phases)
         total = 0.0
         for i in range(3):
             ti = float(t[i])

@@ -13,8 +13,8 @@ import torch
 from mdt_ray.config import load_config
 from mdt_ray.data.corpus import build_synthetic
 from mdt_ray.models import load_trellis
+from mdt_ray.train.launch import RunError, distill
 from mdt_ray.train.state import load_checkpoint
-from mdt_ray.train.trainer import RunError, distill
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.ray
@@ -52,9 +52,9 @@ def test_two_workers_s3_corpus_and_s3_checkpoints(ray_local, s3_server, s3_bucke
     assert out.metrics["step"] == 6
     assert out.checkpoint.startswith(f"{s3_bucket}/runs/s3run/checkpoint_00000006")
 
-    from mdt_ray.data.storage import pyarrow_fs
+    from mdt_ray.data.storage import StorageTarget
 
-    fs, _ = pyarrow_fs(f"s3://{s3_bucket}")
+    fs, _ = StorageTarget(f"s3://{s3_bucket}").pyarrow_fs()
     local = tmp_path / "ckpt"
     pafs.copy_files(out.checkpoint, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     state = load_checkpoint(local)

@@ -23,6 +23,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from mdt_ray.data import storage
+from mdt_ray.data.storage import StorageTarget
 from mdt_ray.data.schema import (
     MANIFEST_FILE,
     SHARD_PATTERN,
@@ -120,13 +121,13 @@ class ShardWriter:
     values, so the statistics describe exactly what readers will see.
     """
 
-    def __init__(self, uri: str, manifest: Manifest, *, rows_per_group: int,
-                 endpoint_url: Optional[str] = None, region: Optional[str] = None):
-        self.uri = uri
+    def __init__(self, target: str | StorageTarget, manifest: Manifest, *, rows_per_group: int):
+        target = storage.as_target(target)
+        self.uri = target.uri
         self.manifest = manifest
         self.rows_per_group = max(1, int(rows_per_group))
-        fs, path = storage.pyarrow_fs(uri, endpoint_url, region)
-        if not storage.is_s3(uri):
+        fs, path = target.pyarrow_fs()
+        if not target.is_s3:
             os.makedirs(os.path.dirname(path), exist_ok=True)
         self._stream = fs.open_output_stream(path)
         self._writer = pq.ParquetWriter(
@@ -229,18 +230,14 @@ class BuildPlan:
     rows_per_group: int
 
 
-def shard_uri(out: str, index: int) -> str:
-    return storage.join(out, SHARD_PATTERN.format(index=index))
-
-
-def write_shard(task: ShardTask, out: str, manifest: Manifest, rows_per_group: int,
-                storage_opts: dict[str, Any], progress: Optional[Callable[[int], None]] = None) -> ShardInfo:
-    """Produce and write one shard; a transient storage error reruns the whole shard."""
-    uri = shard_uri(out, task.index)
-    where = storage.describe(uri, **storage_opts)
+def write_shard(task: ShardTask, out: StorageTarget, manifest: Manifest, rows_per_group: int,
+                progress: Optional[Callable[[int], None]] = None) -> ShardInfo:
+    """Produce and write one shard of the corpus at `out`; a transient storage error reruns it whole."""
+    shard = out.join(SHARD_PATTERN.format(index=task.index))
+    where = shard.describe()
 
     def attempt() -> ShardInfo:
-        writer = ShardWriter(uri, manifest, rows_per_group=rows_per_group, **storage_opts)
+        writer = ShardWriter(shard, manifest, rows_per_group=rows_per_group)
         try:
             for cols in task.produce(**task.spec):
                 writer.write(to_record_batch(cols, manifest, where=where))
@@ -257,18 +254,18 @@ def write_shard(task: ShardTask, out: str, manifest: Manifest, rows_per_group: i
     return storage.retry(attempt, what=f"writing shard {where}", attempts=3)
 
 
-def prepare_output(out: str, *, overwrite: bool, endpoint_url: Optional[str] = None,
-                   region: Optional[str] = None) -> None:
+def prepare_output(target: str | StorageTarget, *, overwrite: bool) -> None:
     """Refuse to write over a corpus unless asked; with overwrite, remove its old files first."""
-    storage.check_bucket(out, endpoint_url, region)
-    fs, path = storage.pyarrow_fs(out, endpoint_url, region)
-    info = storage.retry(lambda: fs.get_file_info(path), what=f"looking up {out}")
+    target = storage.as_target(target)
+    target.check_bucket()
+    fs, path = target.pyarrow_fs()
+    info = storage.retry(lambda: fs.get_file_info(path), what=f"looking up {target.uri}")
     if info.type == pafs.FileType.NotFound:
         return
     if info.type == pafs.FileType.File:
-        raise CorpusError(f"output {storage.describe(out, endpoint_url, region)} is a file, not a folder")
+        raise CorpusError(f"output {target.describe()} is a file, not a folder")
     listing = storage.retry(
-        lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), what=f"listing {out}"
+        lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)), what=f"listing {target.uri}"
     )
     ours = [i for i in listing if i.base_name == MANIFEST_FILE or
             (i.base_name.startswith("part-") and i.base_name.endswith(".parquet"))]
@@ -276,7 +273,7 @@ def prepare_output(out: str, *, overwrite: bool, endpoint_url: Optional[str] = N
         return
     if not overwrite:
         raise CorpusError(
-            f"output {storage.describe(out, endpoint_url, region)} already holds a corpus "
+            f"output {target.describe()} already holds a corpus "
             f"({len(ours)} files); pass --overwrite to replace it"
         )
     for i in ours:  # the manifest first: a half-deleted corpus must not look complete
@@ -287,17 +284,17 @@ def prepare_output(out: str, *, overwrite: bool, endpoint_url: Optional[str] = N
             storage.retry(lambda p=i.path: fs.delete_file(p), what=f"deleting {i.path}")
 
 
-def finish_corpus(out: str, manifest: Manifest, shards: Sequence[ShardInfo],
-                  endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Manifest:
+def finish_corpus(target: str | StorageTarget, manifest: Manifest, shards: Sequence[ShardInfo]) -> Manifest:
+    target = storage.as_target(target)
     manifest.finalize(sorted(shards, key=lambda s: s.path))
-    fs, path = storage.pyarrow_fs(out, endpoint_url, region)
+    fs, path = target.pyarrow_fs()
 
     def _write() -> None:
         with fs.open_output_stream(f"{path}/{MANIFEST_FILE}") as f:
             pq.write_metadata(manifest.schema(with_manifest=True), f)
 
-    storage.retry(_write, what=f"writing the manifest of {storage.describe(out, endpoint_url, region)}")
-    manifest.uri = out.rstrip("/")
+    storage.retry(_write, what=f"writing the manifest of {target.describe()}")
+    manifest.uri = target.uri
     return manifest
 
 
@@ -323,8 +320,8 @@ class _Progress:
             self.bar.close()
 
 
-def _shard_in_subprocess(task, out, manifest, rows_per_group, storage_opts, queue) -> ShardInfo:
-    return write_shard(task, out, manifest, rows_per_group, storage_opts, progress=queue.put)
+def _shard_in_subprocess(task, out, manifest, rows_per_group, queue) -> ShardInfo:
+    return write_shard(task, out, manifest, rows_per_group, progress=queue.put)
 
 
 def _want_ray(use_ray: Optional[bool]) -> bool:
@@ -337,42 +334,39 @@ def _want_ray(use_ray: Optional[bool]) -> bool:
     return ray.is_initialized() or bool(os.environ.get("RAY_ADDRESS"))
 
 
-def run_plan(plan: BuildPlan, out: str, *, workers: Optional[int] = None, use_ray: Optional[bool] = None,
-             overwrite: bool = False, progress: bool = True, endpoint_url: Optional[str] = None,
-             region: Optional[str] = None) -> Manifest:
-    """Write every shard of `plan` to `out`, then the manifest. Returns the final manifest.
+def run_plan(plan: BuildPlan, target: str | StorageTarget, *, workers: Optional[int] = None,
+             use_ray: Optional[bool] = None, overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Write every shard of `plan` to `target`, then the manifest. Returns the final manifest.
 
     Ray is used when asked, or (use_ray=None) when a Ray session is up or RAY_ADDRESS names a
     cluster: one task per shard. Otherwise `workers` local processes (default: the CPU count,
     capped by the shard count), or this process alone when that is 1.
     """
-    out = str(out).rstrip("/")
-    storage_opts = {"endpoint_url": endpoint_url, "region": region}
-    prepare_output(out, overwrite=overwrite, **storage_opts)
+    out = storage.as_target(target)
+    prepare_output(out, overwrite=overwrite)
     total = sum(t.num_rows for t in plan.tasks)
-    bar = _Progress(total, f"corpus -> {out}", progress)
+    bar = _Progress(total, f"corpus -> {out.uri}", progress)
     start = time.monotonic()
     try:
         if _want_ray(use_ray):
-            infos = _run_ray(plan, out, storage_opts, bar)
+            infos = _run_ray(plan, out, bar)
         else:
             n = workers if workers is not None else (os.cpu_count() or 1)
             n = max(1, min(n, len(plan.tasks)))
-            infos = _run_local(plan, out, storage_opts, bar, n)
+            infos = _run_local(plan, out, bar, n)
     finally:
         bar.close()
-    manifest = finish_corpus(out, plan.manifest, infos, **storage_opts)
+    manifest = finish_corpus(out, plan.manifest, infos)
     if progress:
         mb = sum(s.num_bytes for s in infos) / 2**20
-        print(f"wrote {manifest.num_rows} assets in {len(infos)} shard(s), {mb:.1f} MiB, to {out} "
+        print(f"wrote {manifest.num_rows} assets in {len(infos)} shard(s), {mb:.1f} MiB, to {out.uri} "
               f"in {time.monotonic() - start:.1f} s", file=sys.stderr)
     return manifest
 
 
-def _run_local(plan: BuildPlan, out: str, storage_opts: dict, bar: _Progress, workers: int) -> list[ShardInfo]:
+def _run_local(plan: BuildPlan, out: StorageTarget, bar: _Progress, workers: int) -> list[ShardInfo]:
     if workers == 1:
-        return [write_shard(t, out, plan.manifest, plan.rows_per_group, storage_opts, bar.update)
-                for t in plan.tasks]
+        return [write_shard(t, out, plan.manifest, plan.rows_per_group, bar.update) for t in plan.tasks]
     # spawn, not fork: the parent may hold threads (pyarrow's pools, an S3 client) that a forked
     # child would inherit in a locked state.
     ctx = mp.get_context("spawn")
@@ -380,8 +374,7 @@ def _run_local(plan: BuildPlan, out: str, storage_opts: dict, bar: _Progress, wo
         queue = manager.Queue()
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
             futures = [
-                pool.submit(_shard_in_subprocess, t, out, plan.manifest, plan.rows_per_group,
-                            storage_opts, queue)
+                pool.submit(_shard_in_subprocess, t, out, plan.manifest, plan.rows_per_group, queue)
                 for t in plan.tasks
             ]
             pending = set(futures)
@@ -407,13 +400,13 @@ def _drain(queue, bar: _Progress) -> None:
             return
 
 
-def _run_ray(plan: BuildPlan, out: str, storage_opts: dict, bar: _Progress) -> list[ShardInfo]:
+def _run_ray(plan: BuildPlan, out: StorageTarget, bar: _Progress) -> list[ShardInfo]:
     import ray
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
     remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
-    refs = {remote.remote(t, out, plan.manifest, plan.rows_per_group, storage_opts): t for t in plan.tasks}
+    refs = {remote.remote(t, out, plan.manifest, plan.rows_per_group): t for t in plan.tasks}
     infos: list[ShardInfo] = []
     pending = list(refs)
     while pending:
@@ -501,29 +494,29 @@ def synthetic_plan(num_assets: int, *, seed: int = 0, rows_per_shard: Optional[i
     return BuildPlan(manifest=manifest, tasks=tasks, rows_per_group=max(1, ROW_GROUP_BYTES // nbytes))
 
 
-def build_synthetic(out: str, num_assets: int, *, seed: int = 0, rows_per_shard: Optional[int] = None,
-                    num_shards: Optional[int] = None, workers: Optional[int] = None,
-                    use_ray: Optional[bool] = None, overwrite: bool = False, progress: bool = True,
-                    endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Manifest:
+def build_synthetic(target: str | StorageTarget, num_assets: int, *, seed: int = 0,
+                    rows_per_shard: Optional[int] = None, num_shards: Optional[int] = None,
+                    workers: Optional[int] = None, use_ray: Optional[bool] = None, overwrite: bool = False,
+                    progress: bool = True) -> Manifest:
     plan = synthetic_plan(num_assets, seed=seed, rows_per_shard=rows_per_shard, num_shards=num_shards)
-    return run_plan(plan, out, workers=workers, use_ray=use_ray, overwrite=overwrite, progress=progress,
-                    endpoint_url=endpoint_url, region=region)
+    return run_plan(plan, target, workers=workers, use_ray=use_ray, overwrite=overwrite, progress=progress)
 
 
 # -- inspection ----------------------------------------------------------------------------------
-def inspect_corpus(uri: str, *, endpoint_url: Optional[str] = None, region: Optional[str] = None,
-                   check_shards: bool = True) -> dict[str, Any]:
+def inspect_corpus(target: str | StorageTarget, *, check_shards: bool = True) -> dict[str, Any]:
     """Manifest, row count and sizes (per shard and per column, compressed and not) of a corpus."""
     from mdt_ray.data.schema import read_shard_footer, schema_problems
 
-    manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
+    target = storage.as_target(target)
+    manifest = read_manifest(target)
     columns: dict[str, dict[str, int]] = {}
     shards = []
     for s, s_uri in zip(manifest.shards, manifest.shard_uris()):
         entry = {"path": s.path, "num_rows": s.num_rows, "num_bytes": s.num_bytes}
         if check_shards:
-            fs, path = storage.pyarrow_fs(s_uri, endpoint_url, region)
-            where = storage.describe(s_uri, endpoint_url, region)
+            shard = target.with_uri(s_uri)
+            fs, path = shard.pyarrow_fs()
+            where = shard.describe()
             meta, schema = read_shard_footer(fs, path, where, manifest)
             problems = schema_problems(schema, manifest)
             if problems:

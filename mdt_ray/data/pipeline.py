@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from mdt_ray.data import storage
+from mdt_ray.data.storage import StorageTarget
 from mdt_ray.data.schema import (
     STAGE_COLUMNS,
     CorpusError,
@@ -196,19 +197,21 @@ class _Decode:
 
 
 # -- shard checks --------------------------------------------------------------------------------
-def verify_shards(manifest: Manifest, columns: Sequence[str], *, endpoint_url: Optional[str] = None,
-                  region: Optional[str] = None, threads: int = 16) -> None:
+def verify_shards(manifest: Manifest, columns: Sequence[str], *,
+                  target: Optional[str | StorageTarget] = None, threads: int = 16) -> None:
     """Read every shard's footer (in parallel) and refuse the corpus if one disagrees.
 
     Catches missing and corrupt shards, shards from another corpus, and shards whose column
     types differ from the manifest, before any training worker starts; for a type mismatch it
-    also finds the first offending asset.
+    also finds the first offending asset. `target` is where the manifest was read from: its
+    endpoint and region reach the shards (default: the environment's).
     """
-    fs, _ = storage.pyarrow_fs(manifest.uri, endpoint_url, region)  # one client for all shards
+    corpus = storage.as_target(manifest.uri if target is None else target).with_uri(manifest.uri)
+    fs, _ = corpus.pyarrow_fs()  # one client for all shards
 
     def check(uri: str, rows: int) -> None:
         path = storage.bare_path(uri)
-        where = storage.describe(uri, endpoint_url, region)
+        where = corpus.with_uri(uri).describe()
 
         meta, schema = read_shard_footer(fs, path, where, manifest)
         if meta.num_rows != rows:
@@ -245,14 +248,24 @@ def _raise_first_bad_row(uri, fs, path, columns, manifest, where, problems) -> N
 
 
 # -- datasets ------------------------------------------------------------------------------------
+def _manifest_of(target: StorageTarget, manifest: Optional[Manifest]) -> Manifest:
+    """The caller's already-read manifest of `target`, else the one on storage."""
+    if manifest is None:
+        return read_manifest(target)
+    # A single shard file's manifest names the folder that holds it.
+    folder, here = storage.bare_path(manifest.uri), storage.bare_path(target.uri)
+    if here != folder and not here.startswith(folder + "/"):
+        raise ValueError(f"the manifest passed is that of {manifest.uri or '?'}, not of {target.uri}")
+    return manifest
+
+
 def make_dataset(
-    uri: str,
+    target: str | StorageTarget,
     *,
+    manifest: Optional[Manifest] = None,
     stage: str = "ss",
     shuffle: bool = True,
     seed: int = 0,
-    endpoint_url: Optional[str] = None,
-    region: Optional[str] = None,
     keep_asset_id: bool = False,
     normalize_slat: bool = True,
     verify: bool = True,
@@ -263,6 +276,7 @@ def make_dataset(
 ) -> "ray.data.Dataset":  # noqa: F821
     """A Ray Dataset of decoded, validated corpus rows for `stage`, ready to hand to a trainer.
 
+    `target` is the corpus (a path, URI or StorageTarget); `manifest`, when already read.
     Reads only the stage's columns; `shuffle` shuffles the order of shard files (seeded, and
     reshuffled each epoch); rows within a shard keep their order (add a local shuffle buffer in
     `torch_batches`). `batch_size` is the decode batch (rows per map_batches call).
@@ -278,8 +292,8 @@ def make_dataset(
     use them. "collate": nowhere in Ray; rows keep the stored columns (asset_id, the float16
     lists, the shard path) and `torch_batches(..., manifest=m)` / `slat_batches(..., manifest=m)`
     validate and decode each batch in the consumer, with the same checks and messages. That
-    drops one pipeline stage and its float32 round trip through the object store: on a
-    CPU-bound node it delivered ~1.4-1.6x the rows/s (docs/scaling.md, section 4).
+    drops one pipeline stage and its float32 round trip through the object store (what that
+    is worth: docs/scaling.md, section 4).
     """
     import ray
 
@@ -287,7 +301,8 @@ def make_dataset(
         raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
     if decode not in ("tasks", "collate"):
         raise ValueError(f"decode must be 'tasks' or 'collate', got {decode!r}")
-    manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
+    target = storage.as_target(target)
+    manifest = _manifest_of(target, manifest)
     if stage not in manifest.stages:
         raise CorpusError(
             f"corpus {manifest.uri} holds no stage-{stage!r} data (manifest stages: {list(manifest.stages)})"
@@ -296,8 +311,8 @@ def make_dataset(
         raise CorpusError(f"corpus {manifest.uri} has no shards")
     columns = STAGE_COLUMNS[stage]
     if verify:
-        verify_shards(manifest, columns, endpoint_url=endpoint_url, region=region)
-    fs, _ = storage.pyarrow_fs(manifest.uri, endpoint_url, region)
+        verify_shards(manifest, columns, target=target)
+    fs, _ = target.with_uri(manifest.uri).pyarrow_fs()
     paths = [storage.bare_path(u) for u in manifest.shard_uris()]
     with _footer_actors(len(paths)):
         ds = ray.data.read_parquet(
@@ -308,13 +323,7 @@ def make_dataset(
             # The manifest lists the files; no partition columns are hidden in their paths.
             partitioning=None,
         )
-    if block_bytes is not None:
-        if block_bytes < 2**20:
-            raise ValueError(f"block_bytes must be at least 1 MiB, got {block_bytes}")
-        # The dataset's own copy of the DataContext: other datasets keep their settings.
-        ds.context.target_max_block_size = int(block_bytes)
-    if memory_bytes is not None:
-        ds.context.execution_options = ingest_options(memory_bytes, base=ds.context.execution_options)
+    _set_streaming(ds, block_bytes, memory_bytes)
     ds = ds.select_columns(["asset_id", *columns, _PATH])
     if decode == "collate":
         return ds
@@ -327,6 +336,17 @@ def make_dataset(
         batch_size=batch_size,
         zero_copy_batch=True,
     )
+
+
+def _set_streaming(ds, block_bytes: Optional[int], memory_bytes: Optional[int]) -> None:
+    """Block size and memory cap on the dataset's own copy of the DataContext (other datasets
+    keep their settings)."""
+    if block_bytes is not None:
+        if block_bytes < 2**20:
+            raise ValueError(f"block_bytes must be at least 1 MiB, got {block_bytes}")
+        ds.context.target_max_block_size = int(block_bytes)
+    if memory_bytes is not None:
+        ds.context.execution_options = ingest_options(memory_bytes, base=ds.context.execution_options)
 
 
 def ingest_options(memory_bytes: int, *, base=None) -> "ray.data.ExecutionOptions":  # noqa: F821
@@ -367,17 +387,18 @@ def _footer_actors(num_files: int):
         os.environ.pop(key, None)
 
 
-def load_local(uri: str, *, stage: str = "ss", limit: Optional[int] = None,
-               endpoint_url: Optional[str] = None, region: Optional[str] = None,
-               normalize_slat: bool = True) -> dict[str, Any]:
+def load_local(target: str | StorageTarget, *, stage: str = "ss", limit: Optional[int] = None,
+               manifest: Optional[Manifest] = None, normalize_slat: bool = True) -> dict[str, Any]:
     """Read (the first `limit` rows of) a corpus into numpy, shard by shard, without Ray.
 
     Returns the decode_table columns for `stage` plus `asset_id` (a list of str); stage "slat"
-    gives lists of per-asset arrays for slat_coords and slat_feats.
+    gives lists of per-asset arrays for slat_coords and slat_feats. `manifest` is the corpus's
+    manifest when the caller has read it already.
     """
     import pyarrow.parquet as pq
 
-    manifest = read_manifest(uri, endpoint_url=endpoint_url, region=region)
+    target = storage.as_target(target)
+    manifest = _manifest_of(target, manifest)
     if stage not in manifest.stages:
         raise CorpusError(f"corpus {manifest.uri} holds no stage-{stage!r} data (manifest stages: {list(manifest.stages)})")
     if limit is not None and limit < 0:
@@ -388,8 +409,9 @@ def load_local(uri: str, *, stage: str = "ss", limit: Optional[int] = None,
     for s_uri, info in zip(manifest.shard_uris(), manifest.shards):
         if remaining <= 0:
             break
-        fs, path = storage.pyarrow_fs(s_uri, endpoint_url, region)
-        where = storage.describe(s_uri, endpoint_url, region)
+        shard = target.with_uri(s_uri)
+        fs, path = shard.pyarrow_fs()
+        where = shard.describe()
         try:
             f = storage.retry(lambda: fs.open_input_file(path), what=f"opening shard {where}")
         except FileNotFoundError:

@@ -21,10 +21,13 @@ import json
 import math
 import os
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from mdt_ray.data.storage import StorageTarget
 
 FORMAT_VERSION = 1
 MANIFEST_KEY = b"mdt_ray.manifest"
@@ -275,7 +278,7 @@ def read_shard_footer(fs: Any, path: str, where: str, manifest: Manifest) -> tup
 
 
 # -- reading -------------------------------------------------------------------------------------
-def read_schema(uri: str, *, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> pa.Schema:
+def read_schema(target: str | StorageTarget) -> pa.Schema:
     """The Arrow schema (with metadata) of one Parquet file, read from its footer only.
 
     A file that is not Parquet, or is cut short, raises CorpusError naming it.
@@ -284,8 +287,9 @@ def read_schema(uri: str, *, endpoint_url: Optional[str] = None, region: Optiona
 
     from mdt_ray.data import storage
 
-    fs, path = storage.pyarrow_fs(uri, endpoint_url, region)
-    where = storage.describe(uri, endpoint_url, region)
+    target = storage.as_target(target)
+    fs, path = target.pyarrow_fs()
+    where = target.describe()
 
     def _read() -> pa.Schema:
         with fs.open_input_file(path) as f:
@@ -301,26 +305,27 @@ def read_schema(uri: str, *, endpoint_url: Optional[str] = None, region: Optiona
         raise CorpusError(f"{where}: corrupt or not a Parquet file ({e})") from None
 
 
-def read_manifest(uri: str, *, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> Manifest:
+def read_manifest(target: str | StorageTarget) -> Manifest:
     """The corpus manifest of a corpus folder (or of a single shard file, as a one-shard corpus)."""
     import pyarrow.fs as pafs
 
     from mdt_ray.data import storage
 
-    uri = str(uri).rstrip("/")
-    storage.check_bucket(uri, endpoint_url, region)
-    fs, path = storage.pyarrow_fs(uri, endpoint_url, region)
-    where = storage.describe(uri, endpoint_url, region)
+    target = storage.as_target(target)
+    uri = target.uri
+    target.check_bucket()
+    fs, path = target.pyarrow_fs()
+    where = target.describe()
     info = storage.retry(lambda: fs.get_file_info(path), what=f"looking up {where}")
     if info.type == pafs.FileType.File:
         # One shard given on its own: its header is the whole manifest, statistics unknown.
-        header = header_of(read_schema(uri, endpoint_url=endpoint_url, region=region), where=where)
+        header = header_of(read_schema(target), where=where)
         manifest = Manifest.from_json_dict(header, where=where)
         import pyarrow.parquet as pq
 
         with fs.open_input_file(path) as f:
             rows = pq.ParquetFile(f).metadata.num_rows
-        if storage.is_s3(uri):
+        if target.is_s3:
             folder, name = uri.rsplit("/", 1)
         else:
             folder, name = os.path.split(os.path.abspath(uri))
@@ -344,7 +349,7 @@ def read_manifest(uri: str, *, endpoint_url: Optional[str] = None, region: Optio
                 "did not finish; run it again (with --overwrite)"
             )
         raise CorpusError(f"no corpus at {where}: no {MANIFEST_FILE} and no shards")
-    schema = read_schema(manifest_uri, endpoint_url=endpoint_url, region=region)
+    schema = read_schema(target.with_uri(manifest_uri))
     manifest = Manifest.from_json_dict(header_of(schema, where=manifest_uri), where=manifest_uri)
     problems = schema_problems(schema, manifest)
     if problems:

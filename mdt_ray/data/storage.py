@@ -1,8 +1,10 @@
 """One way to reach corpus storage: local paths and `s3://` URIs, for pyarrow, s3fs and Ray.
 
-Endpoint, region and credentials come from the arguments or else the standard AWS_* environment
-variables (AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for S3-compatible stores such as MinIO, Ceph or
-moto). Nothing here hard-codes an endpoint or a key.
+A `StorageTarget` is a location together with the store that holds it: the URI plus the S3
+endpoint and region, passed whole wherever a corpus or run folder is read or written. Whatever
+it leaves unset, and the credentials, come from the standard AWS_* environment variables
+(AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL for S3-compatible stores such as MinIO, Ceph or moto).
+Nothing here hard-codes an endpoint or a key.
 
 Two failure modes matter on a cluster: a store that is briefly unavailable (throttling, a dropped
 connection) should be retried with backoff, and a store that is wrong (bad endpoint, missing
@@ -18,7 +20,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import urlsplit
 
@@ -72,134 +74,6 @@ class S3Settings:
         return self.endpoint_url or f"AWS S3 ({self.region or 'default region'})"
 
 
-def is_s3(uri: str) -> bool:
-    return str(uri).startswith("s3://")
-
-
-def split_s3(uri: str) -> tuple[str, str]:
-    """`s3://bucket/a/b` -> ("bucket", "a/b"); the bucket must be there."""
-    if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
-    rest = uri[len("s3://"):].rstrip("/")
-    bucket, _, key = rest.partition("/")
-    if not bucket:
-        raise ValueError(f"s3 URI without a bucket: {uri!r}")
-    return bucket, key
-
-
-def join(uri: str, *parts: str) -> str:
-    """Join path parts onto a local path or an s3:// URI with '/' (never os.sep for S3)."""
-    out = str(uri).rstrip("/")
-    for p in parts:
-        out = f"{out}/{p.strip('/')}"
-    return out
-
-
-def s3_settings(endpoint_url: Optional[str] = None, region: Optional[str] = None) -> S3Settings:
-    endpoint = (
-        endpoint_url
-        or os.environ.get("AWS_ENDPOINT_URL_S3")
-        or os.environ.get("AWS_ENDPOINT_URL")
-        or None
-    )
-    if endpoint is not None:
-        parts = urlsplit(endpoint)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(
-                f"S3 endpoint {endpoint!r} is not a URL like http://host:port "
-                "(from the endpoint argument or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)"
-            )
-    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    return S3Settings(endpoint_url=endpoint.rstrip("/") if endpoint else None, region=region)
-
-
-def _credentials() -> dict[str, Optional[str]]:
-    # Resolved here rather than left to each process's SDK: the filesystem object is pickled into
-    # Ray tasks, and a worker started before the variables were set would otherwise see none.
-    return {
-        "access_key": os.environ.get("AWS_ACCESS_KEY_ID") or None,
-        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
-        "session_token": os.environ.get("AWS_SESSION_TOKEN") or None,
-    }
-
-
-def pyarrow_fs(
-    uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None
-) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem for `uri` and the path to use with it (no scheme, no trailing '/')."""
-    uri = str(uri)
-    if not is_s3(uri):
-        if "://" in uri and not uri.startswith("file://"):
-            raise ValueError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/key")
-        path = uri[len("file://"):] if uri.startswith("file://") else uri
-        return pafs.LocalFileSystem(), os.path.abspath(path)
-    bucket, key = split_s3(uri)
-    settings = s3_settings(endpoint_url, region)
-    kwargs: dict[str, Any] = {
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "request_timeout": READ_TIMEOUT_S,
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=SDK_MAX_ATTEMPTS),
-        "region": settings.region or "us-east-1",
-    }
-    creds = _credentials()
-    if creds["access_key"] and creds["secret_key"]:
-        kwargs.update({k: v for k, v in creds.items() if v})
-    if settings.endpoint_url:
-        parts = urlsplit(settings.endpoint_url)
-        kwargs["endpoint_override"] = parts.netloc
-        kwargs["scheme"] = parts.scheme
-    fs = pafs.S3FileSystem(**kwargs)
-    return fs, f"{bucket}/{key}".rstrip("/")
-
-
-def bare_path(uri: str) -> str:
-    """The path pyarrow_fs's filesystem uses for `uri`: bucket/key for S3, absolute for local."""
-    uri = str(uri)
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        return f"{bucket}/{key}".rstrip("/")
-    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
-
-
-def s3fs_fs(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None):
-    """An s3fs filesystem for `uri` and the path to use with it (bucket/key, no scheme).
-
-    Local paths get fsspec's local filesystem, so callers can use one code path.
-    """
-    import fsspec
-
-    uri = str(uri)
-    if not is_s3(uri):
-        return fsspec.filesystem("file"), os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
-    import s3fs
-
-    bucket, key = split_s3(uri)
-    settings = s3_settings(endpoint_url, region)
-    client_kwargs: dict[str, Any] = {}
-    if settings.endpoint_url:
-        client_kwargs["endpoint_url"] = settings.endpoint_url
-    # Region is left out for custom endpoints: s3fs then sends no LocationConstraint, which
-    # S3-compatible stores (moto, MinIO) reject for us-east-1 when a bucket is created.
-    if settings.region and not settings.endpoint_url:
-        client_kwargs["region_name"] = settings.region
-    config_kwargs = {
-        "connect_timeout": CONNECT_TIMEOUT_S,
-        "read_timeout": READ_TIMEOUT_S,
-        "retries": {"max_attempts": SDK_MAX_ATTEMPTS, "mode": "standard"},
-    }
-    creds = _credentials()
-    fs = s3fs.S3FileSystem(
-        key=creds["access_key"],
-        secret=creds["secret_key"],
-        token=creds["session_token"],
-        client_kwargs=client_kwargs,
-        config_kwargs=config_kwargs,
-        # The listing cache would hide shards written by another process during a build.
-        use_listings_cache=False,
-    )
-    return fs, f"{bucket}/{key}".rstrip("/")
-
-
 def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False
@@ -239,58 +113,209 @@ def retry(
     raise AssertionError("unreachable")
 
 
+def split_s3(uri: str) -> tuple[str, str]:
+    """`s3://bucket/a/b` -> ("bucket", "a/b"); the bucket must be there."""
+    if not str(uri).startswith("s3://"):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://"):].rstrip("/")
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI without a bucket: {uri!r}")
+    return bucket, key
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a local path or an s3:// URI with '/' (never os.sep for S3)."""
+    out = str(uri).rstrip("/")
+    for p in parts:
+        out = f"{out}/{p.strip('/')}"
+    return out
+
+
+def bare_path(uri: str) -> str:
+    """The path a target's filesystem uses for `uri`: bucket/key for S3, absolute for local."""
+    uri = str(uri)
+    if uri.startswith("s3://"):
+        bucket, key = split_s3(uri)
+        return f"{bucket}/{key}".rstrip("/")
+    return os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
+
+
+def _credentials() -> dict[str, Optional[str]]:
+    # Resolved here rather than left to each process's SDK: the filesystem object is pickled into
+    # Ray tasks, and a worker started before the variables were set would otherwise see none.
+    return {
+        "access_key": os.environ.get("AWS_ACCESS_KEY_ID") or None,
+        "secret_key": os.environ.get("AWS_SECRET_ACCESS_KEY") or None,
+        "session_token": os.environ.get("AWS_SESSION_TOKEN") or None,
+    }
+
+
 _probed: set[str] = set()
 
 
-def probe_endpoint(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None,
-                   *, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """Fail fast, naming the endpoint, when a custom S3 endpoint does not answer HTTP.
+@dataclass(frozen=True)
+class StorageTarget:
+    """A local path or `s3://` URI together with the S3 endpoint and region that reach it.
 
-    Only custom endpoints are probed (AWS itself is assumed up), once per process and endpoint.
+    An endpoint or region left None is taken from the AWS_* environment of the process that uses
+    the target, when it is used. Every URI of a run is built from one configured target (`join`,
+    `with_uri`, `from_data_config`), so a store named in the config is never dropped on the way.
+    The target is small and pickles, so it travels to Ray tasks and spawned processes as it is.
     """
-    if not is_s3(uri):
-        return
-    settings = s3_settings(endpoint_url, region)
-    if not settings.endpoint_url or settings.endpoint_url in _probed:
-        return
-    bucket, _ = split_s3(uri)
-    parts = urlsplit(settings.endpoint_url)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    hint = "check AWS_ENDPOINT_URL (or the storage endpoint setting) and that the server is running"
-    try:
-        with socket.create_connection((parts.hostname, port), timeout=timeout) as sock:
-            sock.settimeout(timeout)
-            request = f"HEAD / HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
-            sock.sendall(request.encode("ascii"))
-            if not sock.recv(16):
-                raise ConnectionError("closed the connection without answering")
-    except socket.timeout:
-        raise StorageError(
-            f"S3 endpoint {settings.endpoint_url} (bucket {bucket!r}) did not answer within "
-            f"{timeout:g} s; {hint}"
-        ) from None
-    except OSError as exc:
-        raise StorageError(
-            f"S3 endpoint {settings.endpoint_url} (bucket {bucket!r}) is unreachable: {exc}; {hint}"
-        ) from None
-    _probed.add(settings.endpoint_url)
+
+    uri: str
+    endpoint_url: Optional[str] = None
+    region: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        uri = str(self.uri)
+        # One spelling per folder: "s3://b/c/" and "s3://b/c" name the same corpus.
+        object.__setattr__(self, "uri", uri.rstrip("/") or uri)
+
+    @classmethod
+    def from_data_config(cls, data_cfg: Any, uri: Optional[str] = None) -> "StorageTarget":
+        """`uri` (default data.uri) with the config's storage endpoint and region."""
+        return cls(data_cfg.uri if uri is None else uri, data_cfg.storage_endpoint, data_cfg.storage_region)
+
+    @property
+    def is_s3(self) -> bool:
+        return self.uri.startswith("s3://")
+
+    def with_uri(self, uri: str) -> "StorageTarget":
+        """Another location on the same store."""
+        return replace(self, uri=str(uri))
+
+    def join(self, *parts: str) -> "StorageTarget":
+        return self.with_uri(join(self.uri, *parts))
+
+    def settings(self) -> S3Settings:
+        """Endpoint and region: this target's, else the AWS_* environment's."""
+        endpoint = (
+            self.endpoint_url
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or None
+        )
+        if endpoint is not None:
+            parts = urlsplit(endpoint)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(
+                    f"S3 endpoint {endpoint!r} is not a URL like http://host:port "
+                    "(from the storage endpoint setting or AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)"
+                )
+        region = self.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        return S3Settings(endpoint_url=endpoint.rstrip("/") if endpoint else None, region=region)
+
+    def describe(self) -> str:
+        """The URI, plus the endpoint for S3: the text error messages should carry."""
+        if not self.is_s3:
+            return self.uri
+        return f"{self.uri} (at {self.settings().where})"
+
+    def pyarrow_fs(self) -> tuple[pafs.FileSystem, str]:
+        """A pyarrow filesystem for the target and the path to use with it (no scheme, no '/' at the end)."""
+        if not self.is_s3:
+            if "://" in self.uri and not self.uri.startswith("file://"):
+                raise ValueError(f"unsupported storage URI {self.uri!r}: use a local path or s3://bucket/key")
+            return pafs.LocalFileSystem(), bare_path(self.uri)
+        settings = self.settings()
+        kwargs: dict[str, Any] = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "request_timeout": READ_TIMEOUT_S,
+            "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=SDK_MAX_ATTEMPTS),
+            "region": settings.region or "us-east-1",
+        }
+        creds = _credentials()
+        if creds["access_key"] and creds["secret_key"]:
+            kwargs.update({k: v for k, v in creds.items() if v})
+        if settings.endpoint_url:
+            parts = urlsplit(settings.endpoint_url)
+            kwargs["endpoint_override"] = parts.netloc
+            kwargs["scheme"] = parts.scheme
+        return pafs.S3FileSystem(**kwargs), bare_path(self.uri)
+
+    def s3fs(self):
+        """An s3fs filesystem for the target and the path to use with it (bucket/key, no scheme).
+
+        Local paths get fsspec's local filesystem, so callers can use one code path.
+        """
+        import fsspec
+
+        if not self.is_s3:
+            return fsspec.filesystem("file"), bare_path(self.uri)
+        import s3fs
+
+        settings = self.settings()
+        client_kwargs: dict[str, Any] = {}
+        if settings.endpoint_url:
+            client_kwargs["endpoint_url"] = settings.endpoint_url
+        # Region is left out for custom endpoints: s3fs then sends no LocationConstraint, which
+        # S3-compatible stores (moto, MinIO) reject for us-east-1 when a bucket is created.
+        if settings.region and not settings.endpoint_url:
+            client_kwargs["region_name"] = settings.region
+        config_kwargs = {
+            "connect_timeout": CONNECT_TIMEOUT_S,
+            "read_timeout": READ_TIMEOUT_S,
+            "retries": {"max_attempts": SDK_MAX_ATTEMPTS, "mode": "standard"},
+        }
+        creds = _credentials()
+        fs = s3fs.S3FileSystem(
+            key=creds["access_key"],
+            secret=creds["secret_key"],
+            token=creds["session_token"],
+            client_kwargs=client_kwargs,
+            config_kwargs=config_kwargs,
+            # The listing cache would hide shards written by another process during a build.
+            use_listings_cache=False,
+        )
+        return fs, bare_path(self.uri)
+
+    def probe(self, *, timeout: float = PROBE_TIMEOUT_S) -> None:
+        """Fail fast, naming the endpoint, when a custom S3 endpoint does not answer HTTP.
+
+        Only custom endpoints are probed (AWS itself is assumed up), once per process and endpoint.
+        """
+        if not self.is_s3:
+            return
+        settings = self.settings()
+        if not settings.endpoint_url or settings.endpoint_url in _probed:
+            return
+        bucket, _ = split_s3(self.uri)
+        parts = urlsplit(settings.endpoint_url)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        hint = "check AWS_ENDPOINT_URL (or the storage endpoint setting) and that the server is running"
+        try:
+            with socket.create_connection((parts.hostname, port), timeout=timeout) as sock:
+                sock.settimeout(timeout)
+                request = f"HEAD / HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
+                sock.sendall(request.encode("ascii"))
+                if not sock.recv(16):
+                    raise ConnectionError("closed the connection without answering")
+        except socket.timeout:
+            raise StorageError(
+                f"S3 endpoint {settings.endpoint_url} (bucket {bucket!r}) did not answer within "
+                f"{timeout:g} s; {hint}"
+            ) from None
+        except OSError as exc:
+            raise StorageError(
+                f"S3 endpoint {settings.endpoint_url} (bucket {bucket!r}) is unreachable: {exc}; {hint}"
+            ) from None
+        _probed.add(settings.endpoint_url)
+
+    def check_bucket(self) -> None:
+        """Probe the endpoint and make sure the target's bucket exists (no-op for local paths)."""
+        if not self.is_s3:
+            return
+        self.probe()
+        bucket, _ = split_s3(self.uri)
+        fs, _ = self.pyarrow_fs()
+        where = self.settings().where
+        info = retry(lambda: fs.get_file_info(bucket), what=f"checking bucket {bucket!r} at {where}")
+        if info.type == pafs.FileType.NotFound:
+            raise StorageError(f"S3 bucket {bucket!r} does not exist at {where} (URI {self.uri})")
 
 
-def check_bucket(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> None:
-    """Probe the endpoint and make sure the bucket of an s3:// URI exists (no-op for local paths)."""
-    if not is_s3(uri):
-        return
-    probe_endpoint(uri, endpoint_url, region)
-    bucket, _ = split_s3(uri)
-    fs, _ = pyarrow_fs(uri, endpoint_url, region)
-    where = s3_settings(endpoint_url, region).where
-    info = retry(lambda: fs.get_file_info(bucket), what=f"checking bucket {bucket!r} at {where}")
-    if info.type == pafs.FileType.NotFound:
-        raise StorageError(f"S3 bucket {bucket!r} does not exist at {where} (URI {uri})")
-
-
-def describe(uri: str, endpoint_url: Optional[str] = None, region: Optional[str] = None) -> str:
-    """`uri`, plus the endpoint for S3 URIs: the text error messages should carry."""
-    if not is_s3(uri):
-        return str(uri)
-    return f"{uri} (at {s3_settings(endpoint_url, region).where})"
+def as_target(target: "str | os.PathLike[str] | StorageTarget") -> StorageTarget:
+    """`target` as it is, or a plain path or URI with the environment's S3 settings."""
+    return target if isinstance(target, StorageTarget) else StorageTarget(str(target))

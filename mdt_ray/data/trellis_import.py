@@ -38,6 +38,7 @@ from mdt_ray.data.corpus import (
     shard_counts,
 )
 from mdt_ray.data.schema import LATENT_SHAPE, SLAT_CHANNELS, CorpusError, Manifest
+from mdt_ray.data.storage import StorageTarget
 
 DEFAULT_SS_MODEL = "ss_enc_conv3d_16l8_fp16"
 DEFAULT_SLAT_MODEL = "dinov2_vitl14_reg_slat_enc_swin8_B_64l8_fp16"
@@ -177,6 +178,153 @@ def _stack(cols: dict[str, list]) -> dict[str, Any]:
     return {**cols, "ss_latent": np.stack(cols["ss_latent"]), "cond": np.stack(cols["cond"])}
 
 
+@dataclass
+class _Filters:
+    """What plan_import keeps: the models whose latents it needs and the asset filters."""
+
+    root: str
+    ss_model: Optional[str]
+    slat_model: Optional[str]
+    cond_root: str
+    min_aesthetic: Optional[float]
+    max_voxels: int
+    skip_missing: bool
+
+
+def _read_metadata(meta_path: str, min_aesthetic: Optional[float]) -> tuple[list[str], list[dict[str, str]]]:
+    with open(meta_path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    if "sha256" not in header:
+        raise TrellisImportError(f"{meta_path} has no sha256 column (columns: {header})")
+    if min_aesthetic is not None and "aesthetic_score" not in header:
+        raise TrellisImportError(
+            f"{meta_path} has no aesthetic_score column; pass --min-aesthetic none to import without that filter"
+        )
+    return header, rows
+
+
+def _number(row: dict[str, str], column: str, where: str, sha: str) -> float:
+    try:
+        return float(row[column])
+    except ValueError:
+        raise TrellisImportError(f"{where}: asset {sha}: {column} {row[column]!r} is not a number") from None
+
+
+def _filtered_out(row: dict[str, str], header: list[str], f: _Filters, sha: str, where: str) -> Optional[str]:
+    """Why the metadata row of `sha` is left out, or None when it passes the filters."""
+    flags = [(f"ss_latent_{f.ss_model}", "ss_latent not encoded", f.ss_model),
+             (f"latent_{f.slat_model}", "slat latent not encoded", f.slat_model),
+             ("cond_rendered", "cond not rendered", True)]
+    for column, reason, wanted in flags:
+        if wanted and column in header and not _truthy(row[column], column=column, sha=sha):
+            return reason
+    if f.min_aesthetic is not None and not _number(row, "aesthetic_score", where, sha) >= f.min_aesthetic:
+        return f"aesthetic_score < {f.min_aesthetic:g}"
+    if f.slat_model:
+        slat_path = os.path.join(f.root, "latents", f.slat_model, sha + ".npz")
+        if "num_voxels" in header and row["num_voxels"].strip():
+            nvox = int(_number(row, "num_voxels", where, sha))
+        elif os.path.exists(slat_path):
+            nvox = len(_read_npz(slat_path, ["coords"], sha=sha)["coords"])
+        else:
+            nvox = 0
+        if nvox > f.max_voxels:
+            return f"num_voxels > {f.max_voxels}"
+    return None
+
+
+def _entry(f: _Filters, sha: str) -> tuple[Optional[_Entry], list[str]]:
+    """The asset's files, or None and the ones that are missing."""
+    ss_path = os.path.join(f.root, "ss_latents", f.ss_model, sha + ".npz") if f.ss_model else None
+    slat_path = os.path.join(f.root, "latents", f.slat_model, sha + ".npz") if f.slat_model else None
+    cond_path = _cond_path(f.cond_root, sha)
+    absent = [p for p in (ss_path, slat_path) if p and not os.path.exists(p)]
+    if cond_path is None:
+        absent.append(os.path.join(f.cond_root, sha + ".npy|.npz"))
+    return (None if absent else _Entry(sha, ss_path, slat_path, cond_path)), absent
+
+
+def _select(rows: list[dict[str, str]], header: list[str], f: _Filters, meta_path: str, limit: Optional[int]
+            ) -> tuple[list[_Entry], Counter, list[str]]:
+    """The kept assets, the count of each filter reason, and the assets left out for missing files."""
+    filtered: Counter = Counter()
+    missing: list[str] = []
+    kept: list[_Entry] = []
+    seen: set[str] = set()
+    for row in rows:
+        sha = row["sha256"].strip()
+        if not sha:
+            raise TrellisImportError(f"{meta_path}: a row has an empty sha256")
+        if sha in seen:
+            raise TrellisImportError(f"{meta_path}: asset {sha} is listed twice")
+        seen.add(sha)
+        reason = _filtered_out(row, header, f, sha, meta_path)
+        if reason is not None:
+            filtered[reason] += 1
+            continue
+        entry, absent = _entry(f, sha)
+        if entry is None:
+            if not f.skip_missing:
+                raise TrellisImportError(
+                    f"asset {sha} passes the filters but its file(s) are missing: {absent} "
+                    "(fix the dataset, or pass --skip-missing to leave such assets out, counted)"
+                )
+            missing.append(sha)
+            filtered["files missing"] += 1
+            continue
+        kept.append(entry)
+        if limit is not None and len(kept) >= limit:
+            break
+    if not kept:
+        raise TrellisImportError(f"no asset of {meta_path} passes the filters ({dict(filtered)})")
+    return kept, filtered, missing
+
+
+def _slat_stats(root: str, slat_model: Optional[str]) -> tuple[list[float], list[float], str]:
+    """TRELLIS's published feature statistics from `stats.json`, else computed over the corpus."""
+    if not slat_model:
+        return [], [], "corpus"
+    stats_path = os.path.join(root, "latents", slat_model, "stats.json")
+    if not os.path.exists(stats_path):
+        return [], [], "corpus"
+    with open(stats_path) as f:
+        stats = json.load(f)
+    mean = [float(x) for x in stats.get("mean", [])]
+    std = [float(x) for x in stats.get("std", [])]
+    if len(mean) != SLAT_CHANNELS or len(std) != SLAT_CHANNELS:
+        raise TrellisImportError(f"{stats_path}: expected {SLAT_CHANNELS} means and stds")
+    return mean, std, stats_path
+
+
+def _shard_tasks(kept: list[_Entry], counts: Sequence[int], rows_per_asset: int, spec: dict[str, Any]
+                 ) -> list[ShardTask]:
+    tasks, start = [], 0
+    for k, n in enumerate(counts):
+        chunk = [(e.sha, e.ss_path, e.slat_path, e.cond_path) for e in kept[start:start + n]]
+        tasks.append(ShardTask(index=k, num_rows=n * rows_per_asset, produce=trellis_rows,
+                               spec={"entries": chunk, **spec}))
+        start += n
+    return tasks
+
+
+def _filters(root: str, ss_model, slat_model, cond_dir: str, stages: Sequence[str], min_aesthetic, max_voxels,
+             views: str, skip_missing: bool) -> _Filters:
+    if not stages or set(stages) - {"ss", "slat"}:
+        raise ValueError(f"stages must be a non-empty subset of ('ss', 'slat'), got {stages}")
+    if views not in ("first", "all"):
+        raise ValueError(f"views must be 'first' or 'all', got {views!r}")
+    if not os.path.isfile(os.path.join(root, "metadata.csv")):
+        raise TrellisImportError(f"{root} is not a TRELLIS dataset root: no metadata.csv")
+    ss_model = _pick_model(root, "ss_latents", ss_model, DEFAULT_SS_MODEL) if "ss" in stages else None
+    slat_model = _pick_model(root, "latents", slat_model, DEFAULT_SLAT_MODEL) if "slat" in stages else None
+    cond_root = cond_dir if os.path.isabs(cond_dir) else os.path.join(root, cond_dir)
+    if not os.path.isdir(cond_root):
+        raise TrellisImportError(f"cond token folder {cond_root} does not exist (set --cond-dir)")
+    return _Filters(root, ss_model, slat_model, cond_root, min_aesthetic, max_voxels, skip_missing)
+
+
 def plan_import(
     root: str,
     *,
@@ -196,163 +344,41 @@ def plan_import(
     and a report {kept, candidates, filtered: {reason: count}, missing: [...]}."""
     root = os.path.abspath(root)
     stages = tuple(stages)
-    if not stages or set(stages) - {"ss", "slat"}:
-        raise ValueError(f"stages must be a non-empty subset of ('ss', 'slat'), got {stages}")
-    if views not in ("first", "all"):
-        raise ValueError(f"views must be 'first' or 'all', got {views!r}")
+    f = _filters(root, ss_model, slat_model, cond_dir, stages, min_aesthetic, max_voxels, views, skip_missing)
     meta_path = os.path.join(root, "metadata.csv")
-    if not os.path.isfile(meta_path):
-        raise TrellisImportError(f"{root} is not a TRELLIS dataset root: no metadata.csv")
-    ss_model = _pick_model(root, "ss_latents", ss_model, DEFAULT_SS_MODEL) if "ss" in stages else None
-    slat_model = _pick_model(root, "latents", slat_model, DEFAULT_SLAT_MODEL) if "slat" in stages else None
-    cond_root = cond_dir if os.path.isabs(cond_dir) else os.path.join(root, cond_dir)
-    if not os.path.isdir(cond_root):
-        raise TrellisImportError(f"cond token folder {cond_root} does not exist (set --cond-dir)")
-
-    with open(meta_path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = reader.fieldnames or []
-        rows = list(reader)
-    if "sha256" not in header:
-        raise TrellisImportError(f"{meta_path} has no sha256 column (columns: {header})")
-    if min_aesthetic is not None and "aesthetic_score" not in header:
-        raise TrellisImportError(
-            f"{meta_path} has no aesthetic_score column; pass --min-aesthetic none to import without that filter"
-        )
-
-    filtered: Counter = Counter()
-    missing: list[str] = []
-    kept: list[_Entry] = []
-    seen: set[str] = set()
-    for row in rows:
-        sha = row["sha256"].strip()
-        if not sha:
-            raise TrellisImportError(f"{meta_path}: a row has an empty sha256")
-        if sha in seen:
-            raise TrellisImportError(f"{meta_path}: asset {sha} is listed twice")
-        seen.add(sha)
-        if ss_model and f"ss_latent_{ss_model}" in header and not _truthy(row[f"ss_latent_{ss_model}"], column=f"ss_latent_{ss_model}", sha=sha):
-            filtered["ss_latent not encoded"] += 1
-            continue
-        if slat_model and f"latent_{slat_model}" in header and not _truthy(row[f"latent_{slat_model}"], column=f"latent_{slat_model}", sha=sha):
-            filtered["slat latent not encoded"] += 1
-            continue
-        if "cond_rendered" in header and not _truthy(row["cond_rendered"], column="cond_rendered", sha=sha):
-            filtered["cond not rendered"] += 1
-            continue
-        if min_aesthetic is not None:
-            try:
-                score = float(row["aesthetic_score"])
-            except ValueError:
-                raise TrellisImportError(f"{meta_path}: asset {sha}: aesthetic_score {row['aesthetic_score']!r} is not a number") from None
-            if not score >= min_aesthetic:
-                filtered[f"aesthetic_score < {min_aesthetic:g}"] += 1
-                continue
-        ss_path = os.path.join(root, "ss_latents", ss_model, sha + ".npz") if ss_model else None
-        slat_path = os.path.join(root, "latents", slat_model, sha + ".npz") if slat_model else None
-        if slat_model:
-            if "num_voxels" in header and row["num_voxels"].strip():
-                try:
-                    nvox = int(float(row["num_voxels"]))
-                except ValueError:
-                    raise TrellisImportError(f"{meta_path}: asset {sha}: num_voxels {row['num_voxels']!r} is not a number") from None
-            elif os.path.exists(slat_path):
-                nvox = len(_read_npz(slat_path, ["coords"], sha=sha)["coords"])
-            else:
-                nvox = 0
-            if nvox > max_voxels:
-                filtered[f"num_voxels > {max_voxels}"] += 1
-                continue
-        cond_path = _cond_path(cond_root, sha)
-        absent = [p for p in (ss_path, slat_path) if p and not os.path.exists(p)]
-        if cond_path is None:
-            absent.append(os.path.join(cond_root, sha + ".npy|.npz"))
-        if absent:
-            if not skip_missing:
-                raise TrellisImportError(
-                    f"asset {sha} passes the filters but its file(s) are missing: {absent} "
-                    "(fix the dataset, or pass --skip-missing to leave such assets out, counted)"
-                )
-            missing.append(sha)
-            filtered["files missing"] += 1
-            continue
-        kept.append(_Entry(sha, ss_path, slat_path, cond_path))
-        if limit is not None and len(kept) >= limit:
-            break
-    if not kept:
-        raise TrellisImportError(f"no asset of {meta_path} passes the filters ({dict(filtered)})")
+    header, rows = _read_metadata(meta_path, min_aesthetic)
+    kept, filtered, missing = _select(rows, header, f, meta_path, limit)
 
     first = load_cond(kept[0].cond_path, sha=kept[0].sha)
     cond_shape = tuple(int(x) for x in first.shape[-2:])
-    n_views = first.shape[0] if first.ndim == 3 else 1
-    rows_per_asset = n_views if views == "all" else 1
-
-    stats_from = "corpus"
-    slat_mean: list[float] = []
-    slat_std: list[float] = []
-    if slat_model:
-        stats_path = os.path.join(root, "latents", slat_model, "stats.json")
-        if os.path.exists(stats_path):
-            with open(stats_path) as f:
-                stats = json.load(f)
-            slat_mean = [float(x) for x in stats.get("mean", [])]
-            slat_std = [float(x) for x in stats.get("std", [])]
-            if len(slat_mean) != SLAT_CHANNELS or len(slat_std) != SLAT_CHANNELS:
-                raise TrellisImportError(f"{stats_path}: expected {SLAT_CHANNELS} means and stds")
-            stats_from = stats_path
-
-    report = {
-        "candidates": len(rows),
-        "kept": len(kept),
-        "rows": len(kept) * rows_per_asset,
-        "filtered": dict(sorted(filtered.items())),
-        "missing": missing,
-    }
+    rows_per_asset = (first.shape[0] if first.ndim == 3 else 1) if views == "all" else 1
+    slat_mean, slat_std, stats_from = _slat_stats(root, f.slat_model)
+    report = {"candidates": len(rows), "kept": len(kept), "rows": len(kept) * rows_per_asset,
+              "filtered": dict(sorted(filtered.items())), "missing": missing}
     manifest = Manifest(
-        latent_shape=LATENT_SHAPE,
-        cond_shape=cond_shape,
-        slat_channels=SLAT_CHANNELS,
-        slat_resolution=SLAT_RESOLUTION,
-        stages=stages,
-        source={
-            "kind": "trellis",
-            "root": root,
-            "ss_model": ss_model,
-            "slat_model": slat_model,
-            "cond_dir": cond_root,
-            "views": views,
-            "min_aesthetic": min_aesthetic,
-            "max_voxels": max_voxels,
-            "candidates": len(rows),
-            "filtered": report["filtered"],
-        },
-        slat_mean=slat_mean,
-        slat_std=slat_std,
-        slat_stats_from=stats_from,
+        latent_shape=LATENT_SHAPE, cond_shape=cond_shape, slat_channels=SLAT_CHANNELS,
+        slat_resolution=SLAT_RESOLUTION, stages=stages,
+        source={"kind": "trellis", "root": root, "ss_model": f.ss_model, "slat_model": f.slat_model,
+                "cond_dir": f.cond_root, "views": views, "min_aesthetic": min_aesthetic, "max_voxels": max_voxels,
+                "candidates": len(rows), "filtered": report["filtered"]},
+        slat_mean=slat_mean, slat_std=slat_std, slat_stats_from=stats_from,
     )
-    nbytes = row_bytes(manifest, mean_voxels=20000 if slat_model else 0)
+    nbytes = row_bytes(manifest, mean_voxels=20000 if f.slat_model else 0)
     counts = shard_counts(len(kept), rows_per_shard=None if rows_per_shard is None else max(1, rows_per_shard // rows_per_asset),
                           num_shards=num_shards, row_nbytes=nbytes * rows_per_asset)
-    tasks, start = [], 0
-    for k, n in enumerate(counts):
-        chunk = [(e.sha, e.ss_path, e.slat_path, e.cond_path) for e in kept[start:start + n]]
-        tasks.append(ShardTask(index=k, num_rows=n * rows_per_asset, produce=trellis_rows,
-                               spec={"entries": chunk, "stages": stages, "cond_shape": cond_shape,
-                                     "views": views, "max_voxels": max_voxels}))
-        start += n
-    plan = BuildPlan(manifest=manifest, tasks=tasks, rows_per_group=max(1, ROW_GROUP_BYTES // nbytes))
-    return plan, report
+    tasks = _shard_tasks(kept, counts, rows_per_asset, {"stages": stages, "cond_shape": cond_shape, "views": views,
+                                                        "max_voxels": max_voxels})
+    return BuildPlan(manifest=manifest, tasks=tasks, rows_per_group=max(1, ROW_GROUP_BYTES // nbytes)), report
 
 
-def import_trellis(root: str, out: str, *, workers: Optional[int] = None, use_ray: Optional[bool] = None,
-                   overwrite: bool = False, progress: bool = True, endpoint_url: Optional[str] = None,
-                   region: Optional[str] = None, **plan_kwargs: Any) -> tuple[Manifest, dict[str, Any]]:
+def import_trellis(root: str, target: str | StorageTarget, *, workers: Optional[int] = None,
+                   use_ray: Optional[bool] = None, overwrite: bool = False, progress: bool = True,
+                   **plan_kwargs: Any) -> tuple[Manifest, dict[str, Any]]:
     plan, report = plan_import(root, **plan_kwargs)
     if progress:
         left_out = sum(report["filtered"].values())
         print(f"TRELLIS import: {report['kept']} of {report['candidates']} assets kept, {left_out} left out"
               + (f" ({', '.join(f'{k}: {v}' for k, v in report['filtered'].items())})" if left_out else ""),
               file=sys.stderr)
-    manifest = run_plan(plan, out, workers=workers, use_ray=use_ray, overwrite=overwrite, progress=progress,
-                        endpoint_url=endpoint_url, region=region)
+    manifest = run_plan(plan, target, workers=workers, use_ray=use_ray, overwrite=overwrite, progress=progress)
     return manifest, report

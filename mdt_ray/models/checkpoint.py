@@ -1,5 +1,5 @@
 """TRELLIS checkpoints: a `<name>.json` ({"name": class, "args": constructor args}) next to a
-`<name>.safetensors` state dict (spec §2.4). Loading is strict, like TRELLIS's `from_pretrained`;
+`<name>.safetensors` state dict. Loading is strict, like TRELLIS's `from_pretrained`;
 exporting writes the pair that an unmodified TRELLIS pipeline loads.
 """
 

@@ -3,7 +3,7 @@
 Every block works on plain token tensors (B, N, C), so the sparse model can reuse them on its
 voxels padded to a common length (with a key-padding mask) or packed into one sequence (with a
 block-diagonal mask). Module and attribute names follow TRELLIS (`trellis/modules/*`) exactly:
-they are the checkpoint's key names (spec §2.1, §2.4).
+they are the checkpoint's key names.
 """
 
 from __future__ import annotations
@@ -86,18 +86,32 @@ def absolute_position_embedding(coords: torch.Tensor, channels: int) -> torch.Te
     return emb
 
 
-class AbsolutePositionEmbedder(nn.Module):
-    """Parameter-free wrapper of `absolute_position_embedding` (no state-dict entries)."""
+def setup_flow_model(model: nn.Module, args: dict) -> None:
+    """What both TRELLIS flow transformers start with: every constructor argument as an attribute
+    of the same name (as TRELLIS keeps them), the head count, the timestep embedder and, with
+    `share_mod`, the one adaLN modulation all blocks share."""
+    for name, value in args.items():
+        setattr(model, name, value)
+    width = args["model_channels"]
+    model.num_heads = args["num_heads"] or width // args["num_head_channels"]
+    model.t_embedder = TimestepEmbedder(width)
+    if args["share_mod"]:
+        model.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width, bias=True))
 
-    def __init__(self, channels: int, in_channels: int = 3):
-        super().__init__()
-        self.channels = channels
-        self.in_channels = in_channels
 
-    def forward(self, coords: torch.Tensor) -> torch.Tensor:
-        if coords.dim() != 2 or coords.shape[1] != self.in_channels:
-            raise ValueError(f"coords must be (N, {self.in_channels}), got {tuple(coords.shape)}")
-        return absolute_position_embedding(coords, self.channels)
+def init_flow_weights(model: nn.Module) -> None:
+    """TRELLIS's initialisation of a flow transformer: xavier Linears with zero biases, N(0, 0.02)
+    time-embedding MLP, and zeroed adaLN modulation so that every block starts as the identity."""
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+    nn.init.normal_(model.t_embedder.mlp[0].weight, std=0.02)
+    nn.init.normal_(model.t_embedder.mlp[2].weight, std=0.02)
+    for mod in [model.adaLN_modulation] if model.share_mod else [b.adaLN_modulation for b in model.blocks]:
+        nn.init.zeros_(mod[-1].weight)
+        nn.init.zeros_(mod[-1].bias)
 
 
 class LayerNorm32(nn.LayerNorm):

@@ -1,8 +1,8 @@
 """Build a flow model from TRELLIS's `{"name": ..., "args": {...}}` checkpoint config.
 
 `NAMED_CONFIGS` are the built-in sizes a config may name as `model.teacher`. Synthetic-corpus
-sizes use patch size 2 (512 tokens at resolution 16): DESIGN §4 measured patch size 1 at ~26×
-the cost per forward pass on a 2-core CPU. Their cond width (64) is the synthetic corpus's token
+sizes use patch size 2 (512 tokens at resolution 16), which a 2-core CPU trains in minutes;
+patch size 1 has 8× the tokens and attention grows with their square. Their cond width (64) is the synthetic corpus's token
 width (mdt_ray.data.synthetic); TRELLIS sizes take DINOv2's 1024.
 """
 
@@ -17,35 +17,29 @@ _SS = "SparseStructureFlowModel"
 _SLAT = "SLatFlowModel"
 
 
+def _config(name: str, width: int, blocks: int, heads: int, *, cond: int, fp16: bool, resolution: int,
+            **extra: Any) -> dict[str, Any]:
+    return {"name": name, "args": {
+        "resolution": resolution, "in_channels": 8, "out_channels": 8, "model_channels": width,
+        "cond_channels": cond, "num_blocks": blocks, "num_heads": heads, "mlp_ratio": 4, **extra,
+        "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": fp16,
+    }}
+
+
 def _ss(width: int, blocks: int, heads: int, *, cond: int = 64, patch: int = 2, fp16: bool = False,
         resolution: int = 16) -> dict[str, Any]:
-    return {
-        "name": _SS,
-        "args": {
-            "resolution": resolution, "in_channels": 8, "out_channels": 8,
-            "model_channels": width, "cond_channels": cond, "num_blocks": blocks,
-            "num_heads": heads, "mlp_ratio": 4, "patch_size": patch, "pe_mode": "ape",
-            "qk_rms_norm": True, "use_fp16": fp16,
-        },
-    }
+    return _config(_SS, width, blocks, heads, cond=cond, fp16=fp16, resolution=resolution, patch_size=patch)
 
 
 def _slat(width: int, blocks: int, heads: int, io: list[int], *, cond: int = 64, fp16: bool = False,
           resolution: int = 64) -> dict[str, Any]:
-    return {
-        "name": _SLAT,
-        "args": {
-            "resolution": resolution, "in_channels": 8, "out_channels": 8,
-            "model_channels": width, "cond_channels": cond, "num_blocks": blocks,
-            "num_heads": heads, "mlp_ratio": 4, "patch_size": 2, "num_io_res_blocks": 2,
-            "io_block_channels": io, "pe_mode": "ape", "qk_rms_norm": True, "use_fp16": fp16,
-        },
-    }
+    return _config(_SLAT, width, blocks, heads, cond=cond, fp16=fp16, resolution=resolution, patch_size=2,
+                   num_io_res_blocks=2, io_block_channels=io)
 
 
 NAMED_CONFIGS: dict[str, dict[str, Any]] = {
     "ss-tiny": _ss(64, 2, 4),  # tests
-    "ss-demo": _ss(128, 4, 4),  # CPU demo and CPU benchmark (DESIGN §4 sizing)
+    "ss-demo": _ss(128, 4, 4),  # CPU demo and CPU benchmark
     "ss-B": _ss(768, 12, 12, cond=1024, patch=1, fp16=True),
     # TRELLIS-image-large stage 1 (ss_flow_img_dit_L_16l8_fp16): 555,543,560 parameters.
     "ss-L": _ss(1024, 24, 16, cond=1024, patch=1, fp16=True),

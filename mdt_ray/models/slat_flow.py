@@ -1,7 +1,7 @@
 """Stage 2: the sparse flow transformer over structured latents (SLAT).
 
 Parameter names, constructor arguments and numerics are those of TRELLIS's `SLatFlowModel`
-(spec §2.1, §2.3, §2.4), so its `.json` + `.safetensors` checkpoints load strictly and students
+so its `.json` + `.safetensors` checkpoints load strictly and students
 export back into the same format. Call convention: `model(x_t, 1000·t, cond) → velocity`, x_t a
 `SparseBatch` with (N, 8) float32 feats on the 64³ grid, cond (B, T, C_cond); the output sits on
 x_t's coordinates in x_t's row order.
@@ -21,12 +21,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from mdt_ray.models.modules import (
-    LayerNorm32,
-    ModulatedTransformerCrossBlock,
-    TimestepEmbedder,
-    absolute_position_embedding,
-    convert_to_fp16,
-    fp32_region,
+    LayerNorm32, ModulatedTransformerCrossBlock, absolute_position_embedding,
+    convert_to_fp16, fp32_region, init_flow_weights, setup_flow_model,
 )
 from mdt_ray.models.sparse import (
     SparseBatch,
@@ -127,26 +123,7 @@ class SLatFlowModel(nn.Module):
                              f"{io_block_channels} lists {len(io_block_channels)}")
         if num_io_res_blocks < 1:
             raise ValueError(f"num_io_res_blocks must be >= 1, got {num_io_res_blocks}")
-        self.resolution = resolution
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.cond_channels = cond_channels
-        self.out_channels = out_channels
-        self.num_blocks = num_blocks
-        self.num_heads = num_heads or model_channels // num_head_channels
-        self.mlp_ratio = mlp_ratio
-        self.patch_size = patch_size
-        self.num_io_res_blocks = num_io_res_blocks
-        self.io_block_channels = list(io_block_channels)
-        self.pe_mode = pe_mode
-        self.use_fp16 = use_fp16
-        self.use_checkpoint = use_checkpoint
-        self.use_skip_connection = use_skip_connection
-        self.share_mod = share_mod
-
-        self.t_embedder = TimestepEmbedder(model_channels)
-        if share_mod:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 6 * model_channels, bias=True))
+        setup_flow_model(self, args)
         io = self.io_block_channels
         self.input_layer = nn.Linear(in_channels, io[0])
         self.input_blocks = nn.ModuleList()
@@ -181,18 +158,8 @@ class SLatFlowModel(nn.Module):
         return self.input_blocks[0].conv1.conv.weight.dtype
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # Zeroed modulation starts every transformer block as the identity, zeroed conv2 every
-        # ResBlock as its skip path, and the zeroed head predicts 0.
-        for mod in [self.adaLN_modulation] if self.share_mod else [b.adaLN_modulation for b in self.blocks]:
-            nn.init.zeros_(mod[-1].weight)
-            nn.init.zeros_(mod[-1].bias)
+        init_flow_weights(self)
+        # Zeroed conv2 starts every ResBlock as its skip path, and the zeroed head predicts 0.
         for block in [*self.input_blocks, *self.out_blocks]:
             nn.init.zeros_(block.conv2.conv.weight)
             nn.init.zeros_(block.conv2.conv.bias)

@@ -1,7 +1,7 @@
 """Stage 1: the dense flow transformer over the 16³×8 sparse-structure latent.
 
 Parameter names, constructor arguments and numerics are those of TRELLIS's
-`SparseStructureFlowModel` (spec §2.1, §2.2), so its `.json` + `.safetensors` checkpoints load
+`SparseStructureFlowModel`, so its `.json` + `.safetensors` checkpoints load
 strictly and our students export back into the same format. Call convention:
 `model(x_t, 1000·t, cond) → velocity`, x_t (B, C, R, R, R) float32, cond (B, T, C_cond).
 """
@@ -13,11 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mdt_ray.models.modules import (
-    ModulatedTransformerCrossBlock,
-    TimestepEmbedder,
-    absolute_position_embedding,
-    convert_to_fp16,
-    fp32_region,
+    ModulatedTransformerCrossBlock, absolute_position_embedding, convert_to_fp16,
+    fp32_region, init_flow_weights, setup_flow_model,
 )
 
 
@@ -51,23 +48,7 @@ class SparseStructureFlowModel(nn.Module):
             raise ValueError(f"pe_mode {pe_mode!r} is not supported (TRELLIS's released models use 'ape')")
         if resolution % patch_size:
             raise ValueError(f"resolution {resolution} not divisible by patch_size {patch_size}")
-        self.resolution = resolution
-        self.in_channels = in_channels
-        self.model_channels = model_channels
-        self.cond_channels = cond_channels
-        self.out_channels = out_channels
-        self.num_blocks = num_blocks
-        self.num_heads = num_heads or model_channels // num_head_channels
-        self.mlp_ratio = mlp_ratio
-        self.patch_size = patch_size
-        self.pe_mode = pe_mode
-        self.use_fp16 = use_fp16
-        self.use_checkpoint = use_checkpoint
-        self.share_mod = share_mod
-
-        self.t_embedder = TimestepEmbedder(model_channels)
-        if share_mod:
-            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(model_channels, 6 * model_channels, bias=True))
+        setup_flow_model(self, args)
         # Tokens follow the 'ij' meshgrid, i.e. the C order of the flattened patch grid; TRELLIS
         # saves this buffer in the checkpoint, so it must stay persistent.
         g = torch.arange(resolution // patch_size)
@@ -97,17 +78,7 @@ class SparseStructureFlowModel(nn.Module):
         return self.blocks[0].self_attn.to_qkv.weight.dtype if self.num_blocks else self.input_layer.weight.dtype
 
     def initialize_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
-        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
-        # Zeroed modulation makes every block start as the identity; the zeroed head predicts 0.
-        for mod in [self.adaLN_modulation] if self.share_mod else [b.adaLN_modulation for b in self.blocks]:
-            nn.init.zeros_(mod[-1].weight)
-            nn.init.zeros_(mod[-1].bias)
+        init_flow_weights(self)
         nn.init.zeros_(self.out_layer.weight)
         nn.init.zeros_(self.out_layer.bias)
 

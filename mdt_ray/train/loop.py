@@ -1,138 +1,287 @@
-"""The Ray Train worker: one function that each worker runs (Ray's `train_loop_per_worker`).
+"""The Ray Train worker: the function each worker runs (Ray's `train_loop_per_worker`).
 
-Per worker: a frozen teacher and a DDP student on the same device, the worker's shard of the
-corpus, the chosen objective, AdamW + EMA + clipping + accumulation + autocast, and a report
-every `log_every` steps (with a checkpoint every `checkpoint_every`). Every rank runs the same
-fixed steps and calls `ray.train.report` at the same steps, so Ray's report barrier cannot
-deadlock; a non-finite loss on any rank stops all ranks at the same step.
+Per worker: a frozen teacher and a (DDP) student on the same device, the worker's shard of the
+corpus, and the optimizer step of mdt_ray.engine; a report every `log_every` steps, a checkpoint
+every `checkpoint_every`, the in-training eval on rank 0, and at the end the EMA student in
+TRELLIS's format. Every rank runs the same fixed steps and calls `ray.train.report` at the same
+steps, so Ray's report barrier cannot deadlock; a non-finite loss on any rank stops all ranks at
+the same step.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import hashlib
 import json
-import math
 import shutil
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from mdt_ray.config import Config
-from mdt_ray.models import NAMED_CONFIGS, build_model, export_trellis, load_trellis
-from mdt_ray.models.modules import convert_torso
-from mdt_ray.objectives import NUM_T_BINS, compute_loss, draw_inputs
-from mdt_ray.train.batches import micro_batches
-from mdt_ray.train.optim import GradClipper, ema_init, ema_update
-from mdt_ray.train.state import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
-
-# ---------------------------------------------------------------------------------------------
-# Models
+from mdt_ray.engine import Engine, StepTerms
+from mdt_ray.models import export_trellis
+from mdt_ray.models.teachers import build_teacher, freeze, student_from
+from mdt_ray.objectives import NUM_T_BINS
+from mdt_ray.stages import Split, Stage, get_stage
+from mdt_ray.train.position import Batches, Position
+from mdt_ray.train.state import STOP_NOTE, RunDir, load_checkpoint, save_checkpoint
 
 
-def teacher_path(spec: str) -> Path:
-    """A TRELLIS json path from `model.teacher`: as given when it exists from the cwd, else, for a
-    relative path, from the repository root (the packaged `mdt_ray/assets/...` teacher then
-    resolves from any cwd, including a Ray worker's)."""
-    path = Path(spec)
-    if not path.exists() and not path.is_absolute():
-        root_relative = Path(__file__).resolve().parents[2] / path
-        if root_relative.exists():
-            return root_relative
-    return path
+@dataclass
+class Worker:
+    """What one worker knows of its run: the config, its place in the group, where to write."""
+
+    cfg: Config
+    stage: Stage
+    rank: int
+    world: int
+    device: torch.device
+    run_dir: RunDir
+    manifest: Any  # data.uri's manifest without its shard list: shapes and stats for decoding
+    mlflow_run_id: Optional[str]
+    logger: Any  # rank 0's RunLogger when the run is tracked, else None
+    eval_split: Optional[Split]  # rank 0's held-out split, else None
 
 
-def build_teacher(model_cfg, seed: int = 0) -> torch.nn.Module:
-    """The frozen teacher on CPU: a TRELLIS checkpoint pair, or a built-in size.
-
-    A built-in size has no trained weights; it gets a seeded random init with the zero-initialised
-    layers (adaLN, output) perturbed too, so that smoke runs and tests distil a non-trivial field.
-    """
-    if model_cfg.teacher in NAMED_CONFIGS:
-        torch.manual_seed(seed)
-        model = build_model(model_cfg.teacher)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if p.dim() >= 1 and not p.any():
-                    p.normal_(0.0, 0.02)
-        return model
-    return load_trellis(teacher_path(model_cfg.teacher))
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    _quiet_report_log()
+    w = _worker(loop_config)
+    engine, teacher = _build(w)
+    start_step, start = _restore(w, engine)
+    # An injected failure fires only in an attempt started without a checkpoint: the restored one finishes.
+    fail_at = w.cfg.run.inject_failure_at_step if start_step == 0 else None
+    _train(w, engine, teacher, _batches(w, start), start_step, fail_at)
 
 
-def student_from(teacher: torch.nn.Module) -> torch.nn.Module:
-    """A copy of the teacher's weights with fp32 master parameters."""
-    student = copy.deepcopy(teacher).float()
-    student.requires_grad_(True)
-    return student.train()
+def _worker(loop_config: dict[str, Any]) -> Worker:
+    import ray
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.model_validate(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    run_id, uri = loop_config.get("mlflow_run_id"), loop_config.get("tracking_uri")
+    logger = None
+    if rank == 0 and run_id and uri:
+        from mdt_ray.tracking import RunLogger
+
+        logger = RunLogger(uri, run_id)
+    split = loop_config.get("eval_split") if rank == 0 else None
+    if isinstance(split, ray.ObjectRef):
+        split = ray.get(split)
+    return Worker(cfg, get_stage(cfg.model.stage), rank, ctx.get_world_size(), device, loop_config["run_dir"],
+                  loop_config.get("manifest"), run_id, logger, split)
 
 
-def freeze(teacher: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:
-    teacher = teacher.to(device).eval().requires_grad_(False)
-    if bf16 and device.type == "cuda":
-        convert_torso(teacher, torch.bfloat16)
-    return teacher
+def _build(w: Worker) -> tuple[Engine, torch.nn.Module]:
+    """The engine (student, its optimizer, EMA on rank 0) and the frozen teacher."""
+    import ray.train.torch
+
+    teacher = build_teacher(w.cfg.model.teacher, seed=w.cfg.train.seed)
+    student = student_from(teacher).to(w.device)
+    teacher = freeze(teacher, w.device, w.cfg.model.teacher_bf16)
+    ddp = None
+    if w.world > 1:
+        ddp = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": False})
+    engine = Engine(student, teacher, stage=w.stage, distill=w.cfg.distill, train=w.cfg.train, rank=w.rank,
+                    forward_model=ddp, keep_ema=(w.rank == 0))
+    return engine, teacher
 
 
-def autocast_for(mode: str, device: torch.device):
-    if device.type != "cuda" or mode == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.float16 if mode == "fp16" else torch.bfloat16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+def _restore(w: Worker, engine: Engine) -> tuple[int, Position]:
+    """The step and data position to start from: Ray's latest checkpoint's, else the start."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if not checkpoint:
+        return 0, Position()
+    with checkpoint.as_directory() as d:
+        state = load_checkpoint(d, w.device)
+    meta = state["meta"]
+    engine.student.load_state_dict(state["student"])
+    engine.load_optimizer(state["optimizer"], meta["param_groups"])
+    if engine.ema is not None and "ema" in state:
+        engine.ema.load_state_dict(state["ema"])
+    engine.clipper.load(meta.get("clip_history", []))
+    if w.rank == 0:
+        _say(f"resumed from checkpoint at step {meta['step']}")
+    return meta["step"], Position.from_meta(meta, w.rank)
 
 
-def step_seed(seed: int, rank: int, step: int, micro: int) -> int:
-    """Seed of the random draws of (rank, step, micro-batch): the whole RNG state is (seed, step)."""
-    h = hashlib.blake2b(f"{seed}/{rank}/{step}/{micro}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") & ((1 << 63) - 1)
+def _batches(w: Worker, start: Position) -> Batches:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    tc, data = w.cfg.train, w.cfg.data
+    seed = tc.seed * 1000 + w.rank
+
+    def batches_of(epoch: int):
+        return w.stage.batches(shard, tc.batch_size, device=w.device, manifest=w.manifest, seed=seed + epoch,
+                               shuffle_buffer=data.shuffle_buffer if data.shuffle else 0)
+
+    return Batches(batches_of, batch_size=tc.batch_size, start=start)
 
 
-# ---------------------------------------------------------------------------------------------
-# Data
+def _train(w: Worker, engine: Engine, teacher: torch.nn.Module, batches: Batches, start_step: int,
+           fail_at: Optional[int]) -> None:
+    tc = w.cfg.train
+    window = _Window(w.device)
+    last_eval: dict[str, float] = {}
+    for step in range(start_step, tc.steps):
+        batch = next(batches)
+        if step == fail_at and w.rank == w.world - 1:
+            raise RuntimeError(f"injected failure at step {step} (run.inject_failure_at_step)")
+        measured = engine.forward_backward(batch, step)
+        if not _all_finite(w, engine, measured, step):
+            return
+        window.add(measured, engine.apply(step))
+        done = step + 1
+        if done % tc.log_every == 0 or done % tc.checkpoint_every == 0 or done == tc.steps:
+            last_eval = _report(w, engine, teacher, window, batches.position, done, last_eval)
+            window.reset()
 
 
-def _epochs(shard, batch_size: int, device, start_epoch: int, skip: int, shuffle_buffer: int, seed: int,
-            stage: str = "ss", manifest=None) -> Iterator[tuple[int, int, dict[str, torch.Tensor]]]:
-    """(epoch, index in epoch, batch) forever; the first `skip` batches of `start_epoch` are
-    read and dropped (resume), full batches only (drop_last), so every rank steps alike.
-    `manifest` is given when the rows arrive as stored (make_dataset(decode="collate"))."""
-    from mdt_ray.data.pipeline import slat_batches, torch_batches
+def _all_finite(w: Worker, engine: Engine, measured: StepTerms, step: int) -> bool:
+    """Whether every rank's loss is finite; all ranks learn it, so all stop at the same step."""
+    import ray.train
 
-    batches_of = torch_batches if stage == "ss" else slat_batches
-    epoch = start_epoch
-    while True:
-        n = 0
-        for i, batch in enumerate(batches_of(shard, batch_size, device=device, drop_last=True,
-                                             local_shuffle_buffer=shuffle_buffer, seed=seed + epoch,
-                                             manifest=manifest)):
-            if epoch == start_epoch and i < skip:
-                continue
-            n += 1
-            yield epoch, i, batch
-        if n == 0 and not (epoch == start_epoch and skip):
-            raise RuntimeError(
-                f"this worker's shard yields no full batch of {batch_size}: the corpus is smaller than "
-                "train.batch_size × scale.num_workers"
-            )
-        epoch += 1
+    flag = _all_reduce(torch.tensor([0.0 if measured.finite else 1.0], device=w.device))
+    if float(flag) == 0:
+        return True
+    engine.discard()
+    lo, hi = measured.t_range
+    msg = (f"non-finite loss at step {step} on {int(flag)} rank(s); this rank: "
+           + ", ".join(f"{k}={v:.4g}" for k, v in measured.terms.items())
+           + f", lr={w.cfg.train.lr}, t=[{lo:.3f}, {hi:.3f}]. "
+           "The last good checkpoint is kept; lower train.lr or distill.cfg_* and resume.")
+    if w.rank == 0:
+        _say(msg)
+        w.run_dir.write(STOP_NOTE, {"step": step, "message": msg, **measured.terms})
+    ray.train.report({"step": step, "stopped_nonfinite": 1.0})
+    return False
 
 
-# ---------------------------------------------------------------------------------------------
-# The loop
+def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Window", position: Position, done: int,
+            last_eval: dict[str, float]) -> dict[str, float]:
+    """Metrics, eval, checkpoint, progress line and MLflow at step `done`; returns the latest eval."""
+    tc = w.cfg.train
+    is_last = done == tc.steps
+    metrics = window.metrics(w.world, tc.batch_size)
+    metrics.update(step=done, lr=engine.lr, epoch=position.epoch)
+    evaluate = w.eval_split is not None and (is_last or not last_eval or (tc.eval_every and done % tc.eval_every == 0))
+    if evaluate:
+        last_eval = w.stage.quick_eval(engine.averaged_model(), w.eval_split, steps=tc.eval_steps, device=w.device)
+    # The latest eval rides along in every report: a sweep's scheduler compares trials on it.
+    metrics.update(last_eval)
+    ckpt_dir = None
+    if w.rank == 0:
+        if done % tc.checkpoint_every == 0 or is_last:
+            ckpt_dir = _save(w, engine, teacher, position, metrics, done)
+        _say(_progress_line(done, tc.steps, metrics, window.eta(tc.steps - done), evaluate))
+        if w.logger is not None:
+            w.logger.log_metrics(metrics, step=done)
+    _send(w, metrics, ckpt_dir, done, last_eval)
+    return last_eval
 
 
-def _all_reduce(values: torch.Tensor, op=None) -> torch.Tensor:
+def _save(w: Worker, engine: Engine, teacher: torch.nn.Module, position: Position, metrics: dict[str, float],
+          done: int) -> str:
+    """A checkpoint of step `done` in a scratch directory (with the TRELLIS export at the end)."""
+    ckpt_dir = tempfile.mkdtemp(prefix="mdt-ckpt-")
+    meta = {"step": done, **position.meta(w.world), "seed": w.cfg.train.seed, "mlflow_run_id": w.mlflow_run_id,
+            "clip_history": engine.clipper.state(), "metrics": metrics, "config": w.cfg.model_dump(mode="json"),
+            "world_size": w.world}
+    save_checkpoint(ckpt_dir, student=engine.student.state_dict(),
+                    ema=engine.ema.state_dict() if engine.ema is not None else None,
+                    optimizer=engine.optimizer_tensors(), meta=meta)
+    if done == w.cfg.train.steps:
+        # TRELLIS's dtype layout follows the teacher's: fp16 torso when the teacher has one.
+        fp16 = bool(getattr(teacher, "config_args", {}).get("use_fp16", False))
+        export_trellis(engine.averaged_model().cpu(), Path(ckpt_dir) / "trellis", f"{w.cfg.run.name}_student",
+                       fp16=fp16)
+    return ckpt_dir
+
+
+def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[str], done: int,
+          last_eval: dict[str, float]) -> None:
+    """`ray.train.report` (with rank 0's checkpoint); the final student goes to MLflow once Ray has it."""
+    import ray.train
+
+    if ckpt_dir is None:
+        ray.train.report(metrics)
+        return
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
+                     checkpoint_dir_name=f"checkpoint_{done:08d}")
+    if done == w.cfg.train.steps and w.logger is not None:
+        w.logger.log_artifacts(Path(ckpt_dir) / "trellis", "student")
+        if last_eval:
+            w.logger.log_text(json.dumps({"step": done, **last_eval}, indent=1), "eval/final_eval.json")
+    shutil.rmtree(ckpt_dir, ignore_errors=True)  # uploaded; the local copy is scratch
+
+
+class _Window:
+    """Loss terms, grad norms and per-t-bin losses summed over the steps since the last report."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.t_start, self.steps_done = time.perf_counter(), 0
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.bins = torch.zeros(2, NUM_T_BINS, device=self.device)
+        self.t0 = time.perf_counter()
+
+    def add(self, measured: StepTerms, grad_norm: float) -> None:
+        for k, v in {**measured.terms, "grad_norm": grad_norm}.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.bins += measured.t_bins
+        self.n += 1
+        self.steps_done += 1
+
+    def metrics(self, world: int, batch_size: int) -> dict[str, float]:
+        """Means over the window and all ranks (every rank must call this at the same step)."""
+        assets_s = self.n * batch_size / max(time.perf_counter() - self.t0, 1e-9)
+        keys = sorted(self.sums)
+        reduced = _all_reduce(torch.tensor([self.sums[k] for k in keys] + [assets_s], device=self.device,
+                                           dtype=torch.float64))
+        _all_reduce(self.bins)
+        out = {k: float(reduced[i]) / (world * self.n) for i, k in enumerate(keys)}
+        out.update(assets_per_s_per_worker=float(reduced[-1]) / world, assets_per_s=float(reduced[-1]))
+        for b in range(NUM_T_BINS):
+            if self.bins[1, b] > 0:
+                out[f"loss_t{b}"] = float(self.bins[0, b] / self.bins[1, b])
+        return out
+
+    def eta(self, steps_left: int) -> str:
+        remaining = steps_left * (time.perf_counter() - self.t_start) / max(self.steps_done, 1)
+        return f"{int(remaining // 3600)}:{int(remaining % 3600 // 60):02d}:{int(remaining % 60):02d}"
+
+
+def _progress_line(done: int, steps: int, metrics: dict[str, float], eta: str, evaluated: bool) -> str:
+    line = f"step {done}/{steps} loss {metrics['loss']:.4g}"
+    if "loss_vd" in metrics:
+        line += f" (vm {metrics['loss_vm']:.4g} vd {metrics['loss_vd']:.4g})"
+    line += f" grad {metrics['grad_norm']:.3g} {metrics['assets_per_s_per_worker']:.1f} assets/s/worker ETA {eta}"
+    if evaluated:
+        line += " eval " + " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
+    return line
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=op or dist.ReduceOp.SUM)
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
-
-
-STOP_NOTE = "stopped_nonfinite.json"
 
 
 def _say(line: str) -> None:
@@ -153,245 +302,3 @@ def _quiet_report_log() -> None:
     except ImportError:  # another Ray version: leave its logging alone
         return
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
-
-
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    _quiet_report_log()
-    cfg = Config.model_validate(loop_config["config"])
-    run_id: Optional[str] = loop_config.get("mlflow_run_id")
-    tracking_uri: Optional[str] = loop_config.get("tracking_uri")
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    if device.type == "cpu":
-        torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-    tc, dc = cfg.train, cfg.distill
-
-    teacher_cpu = build_teacher(cfg.model, seed=tc.seed)
-    student = student_from(teacher_cpu).to(device)
-    teacher = freeze(teacher_cpu, device, cfg.model.teacher_bf16)
-    names = {i: n for i, (n, _) in enumerate(student.named_parameters())}
-    optimizer = torch.optim.AdamW(student.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    clipper = GradClipper(tc.grad_clip, tc.grad_clip_percentile, tc.grad_clip_window)
-    ema = ema_init(student) if rank == 0 and tc.ema > 0 else None
-
-    start_step, epoch, skip = 0, 0, 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as d:
-            state = load_checkpoint(d, device)
-        student.load_state_dict(state["student"])
-        load_optimizer(optimizer, names, state["optimizer"], state["meta"]["param_groups"])
-        if ema is not None and "ema" in state:
-            ema = {k: v.float() for k, v in state["ema"].items()}
-        meta = state["meta"]
-        start_step, epoch, skip = meta["step"], meta["epoch"], meta["batches_in_epoch"][rank] if rank < len(meta["batches_in_epoch"]) else meta["batches_in_epoch"][0]
-        clipper.load(meta.get("clip_history", []))
-        if rank == 0:
-            _say(f"resumed from checkpoint at step {start_step}")
-    fail_at = cfg.run.inject_failure_at_step if not checkpoint else None
-
-    ddp_student = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": False}) \
-        if world > 1 else student
-    shard = ray.train.get_dataset_shard("train")
-    batches = _epochs(shard, tc.batch_size, device, epoch, skip, cfg.data.shuffle_buffer if cfg.data.shuffle else 0,
-                      tc.seed * 1000 + rank, cfg.model.stage, loop_config.get("manifest"))
-
-    logger = None
-    if rank == 0 and run_id and tracking_uri:
-        from mdt_ray.tracking import RunLogger
-
-        logger = RunLogger(tracking_uri, run_id)
-    eval_data = loop_config.get("eval_data")
-    window: dict[str, float] = {}
-    bins = torch.zeros(2, NUM_T_BINS, device=device)
-    t_window, n_window = time.perf_counter(), 0
-    t_start, steps_done = time.perf_counter(), 0
-    pos = {"epoch": epoch, "index": skip - 1}
-    last_eval: dict[str, float] = {}
-
-    for step in range(start_step, tc.steps):
-        ep, idx, batch = next(batches)
-        pos = {"epoch": ep, "index": idx}
-        if fail_at is not None and step == fail_at and rank == world - 1:
-            raise RuntimeError(f"injected failure at step {step} (run.inject_failure_at_step)")
-        terms: dict[str, float] = {}
-        for m, (x0, cond) in enumerate(micro_batches(batch, tc.batch_split, cfg.model.stage)):
-            last = m == tc.batch_split - 1
-            sync = contextlib.nullcontext() if last or ddp_student is student else ddp_student.no_sync()
-            gen = torch.Generator(device=device).manual_seed(step_seed(tc.seed, rank, step, m))
-            with sync, autocast_for(tc.mixed_precision, device):
-                draws = draw_inputs(x0, dc, gen)
-                out = compute_loss(dc, ddp_student, teacher, x0, cond, draws, gen)
-                (out["loss"] / tc.batch_split).backward()
-            for k, v in out.items():
-                if k.startswith("loss"):
-                    terms[k] = terms.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / tc.batch_split
-            if "t_bin_sum" in out:
-                bins[0] += out["t_bin_sum"]
-                bins[1] += out["t_bin_count"]
-
-        # Every rank learns whether any rank saw a non-finite loss, so all stop at this step.
-        flag = _all_reduce(torch.tensor([0.0 if math.isfinite(terms["loss"]) else 1.0], device=device))
-        if float(flag) > 0:
-            optimizer.zero_grad(set_to_none=True)
-            diag = {k: v for k, v in terms.items()}
-            msg = (f"non-finite loss at step {step} on {int(flag)} rank(s); this rank: "
-                   + ", ".join(f"{k}={v:.4g}" for k, v in diag.items())
-                   + f", lr={tc.lr}, t=[{float(draws['t'].min()):.3f}, {float(draws['t'].max()):.3f}]. "
-                   "The last good checkpoint is kept; lower train.lr or distill.cfg_* and resume.")
-            if rank == 0:
-                _say(msg)
-                _write_stop_note(loop_config, {"step": step, "message": msg, **diag})
-            ray.train.report({"step": step, "stopped_nonfinite": 1.0})
-            return
-
-        grad_norm = clipper(student.parameters())
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema_update(ema, student, tc.ema)
-        for k, v in terms.items():
-            window[k] = window.get(k, 0.0) + v
-        window["grad_norm"] = window.get("grad_norm", 0.0) + grad_norm
-        n_window += 1
-        steps_done += 1
-
-        done = step + 1
-        is_last = done == tc.steps
-        if done % tc.log_every and done % tc.checkpoint_every and not is_last:
-            continue
-        # ---- report (every rank reaches this at the same steps) ----
-        elapsed = time.perf_counter() - t_window
-        assets_s = n_window * tc.batch_size / max(elapsed, 1e-9)
-        reduced = _all_reduce(torch.tensor([window.get(k, 0.0) for k in sorted(window)] + [assets_s], device=device,
-                                           dtype=torch.float64))
-        _all_reduce(bins)
-        keys = sorted(window)
-        metrics = {k: float(reduced[i]) / (world * n_window) for i, k in enumerate(keys)}
-        metrics.update(step=done, lr=optimizer.param_groups[0]["lr"], epoch=ep,
-                       assets_per_s_per_worker=float(reduced[-1]) / world,
-                       assets_per_s=float(reduced[-1]))
-        for b in range(NUM_T_BINS):
-            if bins[1, b] > 0:
-                metrics[f"loss_t{b}"] = float(bins[0, b] / bins[1, b])
-        remaining = (tc.steps - done) * (time.perf_counter() - t_start) / max(steps_done, 1)
-
-        do_eval = eval_data is not None and (is_last or not last_eval or (tc.eval_every and done % tc.eval_every == 0))
-        if do_eval and rank == 0:
-            last_eval = _evaluate(student, ema, eval_data, tc.eval_steps, device)
-        # The latest eval rides along in every report: a sweep's scheduler compares trials on it.
-        metrics.update(last_eval)
-
-        ckpt_dir = None
-        want_ckpt = done % tc.checkpoint_every == 0 or is_last
-        if rank == 0:
-            if want_ckpt:
-                ckpt_dir = tempfile.mkdtemp(prefix="mdt-ckpt-")
-                meta = {
-                    "step": done, "epoch": pos["epoch"], "seed": tc.seed,
-                    # Per-rank batches consumed in the current epoch (equal on all ranks: drop_last
-                    # and equal shards), replicated so a resume with more workers still finds one.
-                    "batches_in_epoch": [pos["index"] + 1] * world,
-                    "mlflow_run_id": run_id, "clip_history": clipper.state(), "metrics": metrics,
-                    "config": cfg.model_dump(mode="json"), "world_size": world,
-                }
-                save_checkpoint(ckpt_dir, student=student.state_dict(), ema=ema,
-                                optimizer=optimizer_tensors(optimizer, names), meta=meta)
-                if is_last:
-                    _export_final(student, ema, teacher_cpu, Path(ckpt_dir) / "trellis", cfg)
-            eta = f"{int(remaining // 3600)}:{int(remaining % 3600 // 60):02d}:{int(remaining % 60):02d}"
-            _say(f"step {done}/{tc.steps} loss {metrics['loss']:.4g}"
-                 + (f" (vm {metrics['loss_vm']:.4g} vd {metrics['loss_vd']:.4g})" if "loss_vd" in metrics else "")
-                 + f" grad {metrics['grad_norm']:.3g} {metrics['assets_per_s_per_worker']:.1f} assets/s/worker"
-                 + f" ETA {eta}" + (f" eval {_fmt_eval(metrics)}" if do_eval else ""))
-            if logger is not None:
-                logger.log_metrics(metrics, step=done)
-        if ckpt_dir:
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                             checkpoint_dir_name=f"checkpoint_{done:08d}")
-            if is_last and logger is not None:
-                logger.log_artifacts(Path(ckpt_dir) / "trellis", "student")
-                if last_eval:
-                    logger.log_text(json.dumps({"step": done, **last_eval}, indent=1), "eval/final_eval.json")
-            shutil.rmtree(ckpt_dir, ignore_errors=True)  # uploaded; the local copy is scratch
-        else:
-            ray.train.report(metrics)
-        window, n_window, t_window = {}, 0, time.perf_counter()
-        bins.zero_()
-
-
-def _write_stop_note(loop_config: dict[str, Any], note: dict[str, Any]) -> None:
-    """Tell the driver why the run stopped. Ray's Result carries the metrics of the latest
-    checkpoint only, and a stop must not write a checkpoint, so the note goes to the run dir."""
-    import pyarrow.fs as pafs
-
-    fs = loop_config.get("storage_fs") or pafs.LocalFileSystem()
-    with fs.open_output_stream(f"{loop_config['run_dir']}/{STOP_NOTE}") as f:
-        f.write(json.dumps(note, indent=1).encode())
-
-
-def _fmt_eval(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
-
-
-def _ema_model(student: torch.nn.Module, ema: Optional[dict[str, torch.Tensor]]) -> torch.nn.Module:
-    if ema is None:
-        return student
-    model = copy.deepcopy(student)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_(ema[name])
-    return model
-
-
-def _evaluate(student, ema, eval_data, steps, device) -> dict[str, float]:
-    import ray
-
-    data = ray.get(eval_data) if isinstance(eval_data, ray.ObjectRef) else eval_data
-    model = _ema_model(student, ema)
-    if "slat_coords" in data:
-        return _evaluate_slat(model, data, steps, device)
-    from mdt_ray.evaluate import quick_eval, synthetic_decoder
-
-    return quick_eval(model, data["x0"], data["cond"], steps=steps, device=device,
-                      decode=synthetic_decoder(data.get("source") or {}))
-
-
-@torch.no_grad()
-def _evaluate_slat(model, data, steps, device) -> dict[str, float]:
-    """Stage 2 samples features on given voxels; scored in normalised units by the mean squared
-    error against the held-out asset's own features ("eval_feat_mse_<k>step") and the Fréchet
-    distance of the per-voxel feature distributions ("eval_fd_<k>step", the name stage 1 uses,
-    so a sweep's default metric serves both stages). A mean-like prediction lowers the MSE; the
-    FD is what catches the lost spread (docs/benchmark.md), so it is the one to select on."""
-    from mdt_ray.flow import sample
-    from mdt_ray.metrics import frechet_distance
-    from mdt_ray.models.sparse import SparseBatch
-
-    coords = [torch.as_tensor(c, device=device) for c in data["slat_coords"]]
-    feats = [torch.as_tensor(f, dtype=torch.float32, device=device) for f in data["slat_feats"]]
-    target = SparseBatch.from_list(coords, feats)
-    cond = torch.as_tensor(data["cond"], dtype=torch.float32, device=device)
-    g = torch.Generator().manual_seed(0)
-    noise = target.replace(torch.randn(target.feats.shape, generator=g).to(device))
-    was = model.training
-    model.eval()
-    out = {}
-    for k in steps:
-        x = sample(model, noise, cond, steps=k)
-        out[f"eval_feat_mse_{k}step"] = float((x.feats - target.feats).pow(2).mean())
-        out[f"eval_fd_{k}step"] = frechet_distance(x.feats.float().cpu(), target.feats.float().cpu())
-    model.train(was)
-    return out
-
-
-def _export_final(student, ema, teacher_cpu, out_dir: Path, cfg: Config) -> None:
-    """The student (EMA weights when kept) in TRELLIS's format and its teacher's dtype layout."""
-    model = _ema_model(student, ema).cpu()
-    fp16 = bool(getattr(teacher_cpu, "config_args", {}).get("use_fp16", False))
-    name = f"{cfg.run.name}_student"
-    export_trellis(model, out_dir, name, fp16=fp16)

@@ -1,7 +1,10 @@
-"""`mdt-ray eval` end to end on a tiny checkpoint, the latency/speed-up bookkeeping, and the
-checkpoint resolution of the command (hand-made metric cases live in tests/test_metrics.py)."""
+"""`mdt-ray eval` end to end on a tiny stage-1 checkpoint, the latency/speed-up bookkeeping of
+mdt_ray.eval, and the checkpoint resolution of the command (hand-made metric cases live in
+tests/test_metrics.py; stage 2 in tests/test_eval_slat.py)."""
 
+import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -10,9 +13,15 @@ import numpy as np
 import pytest
 import torch
 
-from mdt_ray import evaluate
+import mdt_ray.eval.latency as latency_module
+from mdt_ray.cli.eval import main as eval_main
 from mdt_ray.data.corpus import build_synthetic
+from mdt_ray.eval import flat_metrics, grid_size, measure_latency, sampler_nfe, speedups
 from mdt_ray.models import build_model, export_trellis
+from mdt_ray.models.teachers import PACKAGED_TEACHER, build_teacher, resolve_model_path, run_teacher_of
+from mdt_ray.stages import STUDENT_SAMPLER, get_stage
+
+TEACHER_SAMPLER = get_stage("ss").teacher_sampler
 
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"fd", "iou", "cov", "mmd", "nna", "latency_s", "speedup", "nfe"}
@@ -24,13 +33,7 @@ def tiny(tmp_path_factory):
     perturbed, so that it predicts a non-zero velocity field (a freshly built model predicts 0)."""
     root = tmp_path_factory.mktemp("eval")
     build_synthetic(str(root / "held"), 16, seed=1, progress=False)
-    torch.manual_seed(0)
-    model = build_model("ss-tiny")
-    with torch.no_grad():
-        for p in model.parameters():
-            if not p.any():
-                p.normal_(0.0, 0.02)
-    json_path, _ = export_trellis(model, root / "ckpt", "tiny")
+    json_path, _ = export_trellis(build_teacher("ss-tiny", seed=0), root / "ckpt", "tiny")
     return root, json_path
 
 
@@ -43,7 +46,7 @@ def _args(root, json_path, *extra):
 def test_eval_end_to_end_writes_json_png_and_mlflow(tiny, tmp_path):
     root, json_path = tiny
     out, report = tmp_path / "out", tmp_path / "report.json"
-    rc = evaluate.main(_args(root, json_path, "--steps", "1", "2", "--out", str(out), "--json", str(report)))
+    rc = eval_main(_args(root, json_path, "--steps", "1", "2", "--out", str(out), "--json", str(report)))
     assert rc == 0
     result = json.loads(report.read_text())
     assert set(result["steps"]) == {"1", "2"}
@@ -54,7 +57,7 @@ def test_eval_end_to_end_writes_json_png_and_mlflow(tiny, tmp_path):
     assert result["steps"]["1"]["nfe"] == 1 and result["steps"]["2"]["nfe"] == 2
     # TRELLIS's stage-1 sampler: 25 steps, guidance on [0.5, 1] with rescale_t 3 -> 19 guided steps.
     assert result["teacher"]["nfe"] == 44 and result["teacher"]["speedup"] == pytest.approx(1.0)
-    assert result["settings"]["assets"] == 16
+    assert result["settings"]["assets"] == 16 and result["settings"]["stage"] == "ss"
 
     from PIL import Image
 
@@ -63,7 +66,7 @@ def test_eval_end_to_end_writes_json_png_and_mlflow(tiny, tmp_path):
         img.verify()
     with Image.open(png) as img:
         # rows: ground truth, teacher, 1 step, 2 steps; columns: the first 8 assets
-        assert img.format == "PNG" and img.size == evaluate.grid_size(4, 8)
+        assert img.format == "PNG" and img.size == grid_size(4, 8)
     assert (out / "eval.json").is_file() and "teacher 25" in (out / "table.txt").read_text()
 
     from mlflow.tracking import MlflowClient
@@ -74,6 +77,43 @@ def test_eval_end_to_end_writes_json_png_and_mlflow(tiny, tmp_path):
     assert run.data.metrics["eval_teacher_speedup"] == pytest.approx(1.0)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
         "eval/eval.json", "eval/renders.png", "eval/table.txt"}
+
+
+def test_evaluate_without_teacher_reports_progress_and_checks_stages(tiny, monkeypatch):
+    from mdt_ray.eval import evaluate, format_table
+    from mdt_ray.eval import report as report_module
+    from mdt_ray.models import load_trellis
+
+    root, json_path = tiny
+    split = get_stage("ss").load(str(root / "held"), limit=6)
+    model = load_trellis(json_path)
+    monkeypatch.setattr(report_module, "PROGRESS_EVERY_S", 0.0)
+    lines = []
+    result = evaluate(model, split, steps=(2,), batch_size=2, latency_batch=2, latency_repeats=1, log=lines.append)
+    # Without a terminal: a line per finished batch but the last, then the sampler's scores.
+    progress = [re.sub(r"\(\d+s\)", "(Ts)", line) for line in lines if "batch" in line]
+    assert progress == ["[eval] 2 step(s): batch 1/3 (Ts)", "[eval] 2 step(s): batch 2/3 (Ts)"]
+    assert lines[-1].startswith("[eval] 2 step(s): fd=")
+    assert result["teacher"] is None and "speedup" not in result["steps"]["2"] and "render" not in result
+    assert result["settings"]["stage"] == "ss" and "voxels" not in result["settings"]
+    assert result["settings"]["teacher_sampler"] is None and result["steps"]["2"]["nfe"] == 2
+    assert "checkpoint 2 steps" in format_table(result)
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    # On a terminal: a tqdm bar over the sampler's Euler steps of every batch, no progress lines.
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    lines.clear()
+    evaluate(model, split, steps=(2,), batch_size=2, latency_batch=2, latency_repeats=1, log=lines.append)
+    assert "[eval] 2 step(s)" in sys.stderr.getvalue() and "/6 " in sys.stderr.getvalue()
+    assert len(lines) == 1 and lines[0].startswith("[eval] 2 step(s): fd=")
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="the teacher is a SLatFlowModel, not a stage-1 SparseStructureFlowModel"):
+        evaluate(model, split, teacher=build_model("slat-tiny"), steps=(1,))
+    with pytest.raises(ValueError, match="at least 2 assets"):
+        evaluate(model, split.head(1), steps=(1,))
 
 
 class _Clocked(torch.nn.Module):
@@ -92,23 +132,23 @@ class _Clocked(torch.nn.Module):
 
 def test_latency_and_speedup_bookkeeping(monkeypatch):
     clock = [0.0]
-    monkeypatch.setattr(evaluate.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: clock[0])
     model = _Clocked(clock, 1e-3)
-    cond = torch.zeros(2, 4, 8)
-    entries = {"teacher": (model, 25, evaluate.TEACHER_SAMPLER), "1": (model, 1, evaluate.STUDENT_SAMPLER),
-               "2": (model, 2, evaluate.STUDENT_SAMPLER)}
-    lat = evaluate.measure_latency(entries, cond, latent_shape=(1, 4, 4, 4), repeats=2)
+    cond, noise = torch.zeros(2, 4, 8), torch.randn(2, 1, 4, 4, 4)
+    entries = {"teacher": (model, 25, TEACHER_SAMPLER), "1": (model, 1, STUDENT_SAMPLER),
+               "2": (model, 2, STUDENT_SAMPLER)}
+    lat = measure_latency(entries, noise, cond, repeats=2)
     # Per sample: the teacher runs 44 rows for each of its inputs (19 guided steps twice, 6 once).
     assert lat == pytest.approx({"teacher": 44e-3, "1": 1e-3, "2": 2e-3})
     # One warm-up round plus two timed rounds, each sampling a batch of 2.
     assert model.rows == 3 * 2 * (44 + 1 + 2)
-    ups = evaluate.speedups(lat, "teacher")
+    ups = speedups(lat, "teacher")
     assert ups == pytest.approx({"teacher": 1.0, "1": 44.0, "2": 22.0})
-    assert evaluate.sampler_nfe(25, evaluate.TEACHER_SAMPLER) == 44
+    assert sampler_nfe(25, TEACHER_SAMPLER) == 44
     with pytest.raises(KeyError, match="reference 'nope'"):
-        evaluate.speedups(lat, "nope")
+        speedups(lat, "nope")
     with pytest.raises(ValueError, match="repeats must be >= 1"):
-        evaluate.measure_latency(entries, cond, latent_shape=(1, 4, 4, 4), repeats=0)
+        measure_latency(entries, noise, cond, repeats=0)
 
     # The fastest round counts: a round slowed by other work does not inflate the estimate.
     slow_once = {"n": 0}
@@ -118,12 +158,14 @@ def test_latency_and_speedup_bookkeeping(monkeypatch):
         clock[0] += 1e-3 * x.shape[0] + (0.5 if slow_once["n"] == 2 else 0.0)
         return torch.zeros_like(x)
 
-    lat2 = evaluate.measure_latency({"1": (jittery, 1, evaluate.STUDENT_SAMPLER)}, cond,
-                                    latent_shape=(1, 4, 4, 4), repeats=3)
+    lat2 = measure_latency({"1": (jittery, 1, STUDENT_SAMPLER)}, noise, cond, repeats=3)
     assert lat2["1"] == pytest.approx(1e-3)
 
-    flat = evaluate.flat_metrics({"steps": {"1": {"fd": 2.0, "speedup": 40.0}}, "teacher": {"fd": 1.0}})
+    flat = flat_metrics({"steps": {"1": {"fd": 2.0, "speedup": 40.0}}, "teacher": {"fd": 1.0, "steps": 25},
+                         "settings": {"stage": "ss"}})
     assert flat == {"eval_fd_1step": 2.0, "eval_speedup_1step": 40.0, "eval_teacher_fd": 1.0}
+    with pytest.raises(ValueError, match="settings.stage"):
+        flat_metrics({"steps": {}, "teacher": None})
 
 
 def test_cli_resolves_run_checkpoints_and_reports_errors(tiny, tmp_path, capsys):
@@ -137,9 +179,9 @@ def test_cli_resolves_run_checkpoints_and_reports_errors(tiny, tmp_path, capsys)
         ck = run / f"checkpoint_{step:08d}"
         export_trellis(build_model("ss-tiny"), ck / "trellis", f"r1_student_{step}")
         (ck / "state.json").write_text(json.dumps({"config": {"model": {"teacher": str(json_path)}}}))
-    resolved = evaluate.resolve_model_path(run)
+    resolved = resolve_model_path(run)
     assert resolved.name == "r1_student_4.json"
-    assert evaluate.run_teacher_of(resolved) == str(json_path)
+    assert run_teacher_of(resolved) == str(json_path)
 
     report = tmp_path / "r.json"
     rc = cli_main(["eval", str(run), "--data", str(root / "held"), "--assets", "8", "--steps", "1",
@@ -150,17 +192,18 @@ def test_cli_resolves_run_checkpoints_and_reports_errors(tiny, tmp_path, capsys)
     assert result["checkpoint"].endswith("r1_student_4.json") and result["teacher_checkpoint"] == str(json_path)
     assert "checkpoint 1 step" in capsys.readouterr().out
 
-    assert cli_main(["eval", str(tmp_path / "missing"), "--data", str(root / "held")]) == 1
-    assert "checkpoint not found" in capsys.readouterr().err
-    assert cli_main(["eval", str(json_path), "--data", str(root / "held"), "--teacher", "ss-demo"]) == 1
+    # What the user must fix is one line and exit status 2 (mdt_ray/cli/_common.py).
+    assert cli_main(["eval", str(tmp_path / "missing"), "--data", str(root / "held")]) == 2
+    assert "mdt-ray eval: error: checkpoint not found" in capsys.readouterr().err
+    assert cli_main(["eval", str(json_path), "--data", str(root / "held"), "--teacher", "ss-demo"]) == 2
     assert "without trained weights" in capsys.readouterr().err
-    assert cli_main(["eval", str(json_path), "--set", "tracking.enabled=false"]) == 1
+    assert cli_main(["eval", str(json_path), "--set", "tracking.enabled=false"]) == 2
     assert "no held-out corpus" in capsys.readouterr().err
 
 
 def test_packaged_teacher_resolves_from_any_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    path = evaluate.resolve_model_path(evaluate.PACKAGED_TEACHER)
+    path = resolve_model_path(PACKAGED_TEACHER)
     assert path.is_file() and path.with_suffix(".safetensors").is_file()
 
 
@@ -172,6 +215,7 @@ def test_job_entry_point_runs():
 
 def test_pretrain_teacher_trains_exports_and_scores(tiny, tmp_path):
     from mdt_ray import pretrain
+    from mdt_ray.config import ConfigError
     from mdt_ray.models import load_trellis
 
     root, _ = tiny
@@ -188,7 +232,7 @@ def test_pretrain_teacher_trains_exports_and_scores(tiny, tmp_path):
     # The learning rate warms up from near 0 and ends at FINAL_LR_FRAC of the base.
     assert pretrain.lr_at(0, 100, 1.0) < 0.5 and pretrain.lr_at(99, 100, 1.0) == pytest.approx(
         pretrain.FINAL_LR_FRAC, abs=1e-3)
-    with pytest.raises(pretrain.ConfigError, match="distill.method"):
+    with pytest.raises(ConfigError, match="distill.method"):
         pretrain.load_pretrain_config(None, ["distill.method=mdt"])
 
 

@@ -1,11 +1,11 @@
-"""`mdt-ray distill` / `python jobs/distill.py`: parse, validate, run, summarise."""
+"""`mdt-ray distill` / `python jobs/distill.py`: load the config, run, summarise."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from mdt_ray.config import ConfigError, add_config_args, load_config
+from mdt_ray.cli._common import add_config_args, main_for
+from mdt_ray.config import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,21 +15,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mdt_ray.train.trainer import RunError, distill
+    from mdt_ray.train.launch import distill
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     print(f"[mdt-ray] distilling {cfg.model.teacher} ({cfg.model.stage}, {cfg.distill.method}) on {cfg.data.uri} "
           f"with {cfg.scale.num_workers} worker(s), {cfg.train.steps} steps -> {cfg.run.storage_path}/{cfg.run.name}",
           flush=True)
-    try:
-        out = distill(cfg, resume=args.resume)
-    except (RunError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    out = distill(cfg, resume=args.resume)
     m = out.metrics
     print(f"[mdt-ray] done: step {m.get('step')} loss {m.get('loss', float('nan')):.4g}")
     for k in sorted(k for k in m if k.startswith("eval_")):
@@ -41,7 +33,4 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="distill", description="MDT-dist distillation on Ray Train")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = main_for("distill", "MDT-dist distillation on Ray Train", add_arguments, run)

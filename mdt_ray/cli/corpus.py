@@ -1,4 +1,5 @@
-"""`mdt-ray corpus build | import-trellis | inspect`."""
+"""`mdt-ray corpus build | import-trellis | inspect`, and `jobs/build_corpus.py` (the same build
+and import as one command, for `ray job submit`)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,21 @@ import json
 import sys
 from typing import Any, Optional
 
+from mdt_ray.cli._common import guarded, main_for
+
 
 def _storage_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--endpoint-url", default=None,
+    p.add_argument("--endpoint-url", dest="storage_endpoint", default=None,
                    help="S3-compatible endpoint (default: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL)")
-    p.add_argument("--region", default=None, help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+    p.add_argument("--region", dest="storage_region", default=None,
+                   help="S3 region (default: AWS_REGION / AWS_DEFAULT_REGION)")
+
+
+def _target(args: argparse.Namespace, uri: str):
+    """`uri` on the store the --endpoint-url / --region options name."""
+    from mdt_ray.data.storage import StorageTarget
+
+    return StorageTarget(uri, args.storage_endpoint, args.storage_region)
 
 
 def add_write_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,9 +78,9 @@ def run_build(args: argparse.Namespace) -> int:
     from mdt_ray.data.corpus import build_synthetic
 
     build_synthetic(
-        args.out, args.num_assets, seed=args.seed, rows_per_shard=args.rows_per_shard, num_shards=args.shards,
-        workers=args.workers, use_ray=args.use_ray, overwrite=args.overwrite, progress=not args.quiet,
-        endpoint_url=args.endpoint_url, region=args.region,
+        _target(args, args.out), args.num_assets, seed=args.seed, rows_per_shard=args.rows_per_shard,
+        num_shards=args.shards, workers=args.workers, use_ray=args.use_ray, overwrite=args.overwrite,
+        progress=not args.quiet,
     )
     return 0
 
@@ -84,14 +95,14 @@ def run_import(args: argparse.Namespace) -> int:
         try:
             min_aes = float(args.min_aesthetic)
         except ValueError:
-            raise SystemExit(f"--min-aesthetic must be a number or 'none', got {args.min_aesthetic!r}")
+            raise ValueError(f"--min-aesthetic must be a number or 'none', got {args.min_aesthetic!r}") from None
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     _, report = import_trellis(
-        args.root, args.out, ss_model=args.ss_model, slat_model=args.slat_model, cond_dir=args.cond_dir,
+        args.root, _target(args, args.out), ss_model=args.ss_model, slat_model=args.slat_model, cond_dir=args.cond_dir,
         stages=stages, min_aesthetic=min_aes, max_voxels=args.max_voxels, views=args.views,
         skip_missing=args.skip_missing, limit=args.limit, rows_per_shard=args.rows_per_shard,
         num_shards=args.shards, workers=args.workers, use_ray=args.use_ray, overwrite=args.overwrite,
-        progress=not args.quiet, endpoint_url=args.endpoint_url, region=args.region,
+        progress=not args.quiet,
     )
     if report["missing"] and not args.quiet:
         print(f"assets left out for missing files: {report['missing']}", file=sys.stderr)
@@ -136,8 +147,7 @@ def format_inspect(info: dict[str, Any]) -> str:
 def run_inspect(args: argparse.Namespace) -> int:
     from mdt_ray.data.corpus import inspect_corpus
 
-    info = inspect_corpus(args.uri, endpoint_url=args.endpoint_url, region=args.region,
-                          check_shards=not args.no_check)
+    info = inspect_corpus(_target(args, args.uri), check_shards=not args.no_check)
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -145,38 +155,57 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers) -> argparse.ArgumentParser:
+def register(subparsers, name: str = "corpus", help_text: str = "build, import and inspect distillation corpora"
+             ) -> argparse.ArgumentParser:
     """Add `corpus` with its sub-commands to the `mdt-ray` parser."""
-    corpus = subparsers.add_parser("corpus", help="build, import and inspect distillation corpora")
+    corpus = subparsers.add_parser(name, help=help_text)
     sub = corpus.add_subparsers(dest="corpus_command", required=True)
 
     p = sub.add_parser("build", help="build the synthetic corpus")
     add_build_arguments(p)
-    p.set_defaults(func=guard(run_build))
+    p.set_defaults(func=guarded("mdt-ray corpus build", run_build))
 
     p = sub.add_parser("import-trellis", help="convert a TRELLIS dataset root into corpus shards")
     add_import_arguments(p)
-    p.set_defaults(func=guard(run_import))
+    p.set_defaults(func=guarded("mdt-ray corpus import-trellis", run_import))
 
     p = sub.add_parser("inspect", help="print a corpus's manifest, row count and sizes")
     p.add_argument("uri", help="corpus folder (local or s3://) or one shard file")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-check", action="store_true", help="do not read every shard's footer")
     _storage_args(p)
-    p.set_defaults(func=guard(run_inspect))
+    p.set_defaults(func=guarded("mdt-ray corpus inspect", run_inspect))
     return corpus
 
 
-def guard(fn):
-    """Report corpus and storage errors as one line and exit status 2, not a traceback."""
-    def run(args: argparse.Namespace) -> int:
-        from mdt_ray.data.schema import CorpusError
-        from mdt_ray.data.storage import StorageError
+# --- jobs/build_corpus.py -------------------------------------------------------------------
 
-        try:
-            return fn(args)
-        except (CorpusError, StorageError, ValueError) as e:
-            print(f"mdt-ray corpus: error: {e}", file=sys.stderr)
-            return 2
+def add_job_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kind", choices=["synthetic", "trellis"], default="synthetic")
+    p.add_argument("--num-assets", type=int, default=None, help="synthetic: how many assets")
+    p.add_argument("--seed", type=int, default=0, help="synthetic: corpus seed")
+    p.add_argument("--root", default=None, help="trellis: dataset root (holds metadata.csv)")
+    add_trellis_options(p)
+    add_write_arguments(p)
 
-    return run
+
+def run_job(args: argparse.Namespace) -> int:
+    """Build or import; under `ray job submit` (RAY_ADDRESS set) or with --ray, one Ray task per shard."""
+    import os
+
+    if args.kind == "synthetic" and args.num_assets is None:
+        raise ValueError("--kind synthetic needs --num-assets")
+    if args.kind == "trellis" and args.root is None:
+        raise ValueError("--kind trellis needs --root")
+    if args.use_ray is None and os.environ.get("RAY_ADDRESS"):
+        args.use_ray = True
+    if args.use_ray:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
+    return run_build(args) if args.kind == "synthetic" else run_import(args)
+
+
+job_main = main_for("build_corpus.py", "build the synthetic corpus or import a TRELLIS root", add_job_arguments,
+                    run_job)

@@ -1,12 +1,12 @@
-"""`mdt-ray sweep` / `python jobs/sweep.py`."""
+"""`mdt-ray sweep` / `python jobs/sweep.py`: a Ray Tune sweep of distillation runs."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from mdt_ray.config import ConfigError, add_config_args
+from mdt_ray.cli._common import add_config_args, main_for
+from mdt_ray.config import ConfigError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,13 +19,8 @@ def run(args: argparse.Namespace) -> int:
     from mdt_ray.tune import load_sweep, run_sweep
 
     if not args.config:
-        print("error: --config SWEEP.yaml is required (see jobs/configs/sweep.yaml)", file=sys.stderr)
-        return 2
-    try:
-        cfg, spec, tree = load_sweep(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ConfigError("--config SWEEP.yaml is required (see jobs/configs/sweep.yaml)")
+    cfg, spec, tree = load_sweep(args.config, args.overrides)
     out = run_sweep(cfg, spec, tree, resume=args.resume)
     if args.json:
         with open(args.json, "w") as f:
@@ -33,7 +28,4 @@ def run(args: argparse.Namespace) -> int:
     return 0 if out["best"] else 1
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="sweep", description="Ray Tune sweep of MDT-dist distillation runs")
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+main = main_for("sweep", "Ray Tune sweep of MDT-dist distillation runs", add_arguments, run)

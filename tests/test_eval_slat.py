@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from mdt_ray import evaluate_slat
+import mdt_ray.eval.latency as latency_module
 from mdt_ray.cli import main as cli_main
 from mdt_ray.data.corpus import build_synthetic
+from mdt_ray.eval import flat_metrics, measure_latency, speedups
+from mdt_ray.eval.command import checkpoint_stage
 from mdt_ray.flow import num_function_evals
 from mdt_ray.models import build_model, export_trellis
+from mdt_ray.stages import STUDENT_SAMPLER, get_stage
 
 KEYS = {"feat_mse", "fd", "nfe", "latency_s", "speedup"}
 
@@ -37,7 +40,8 @@ def test_slat_eval_end_to_end(tiny, tmp_path, capsys):
     root, json_path = tiny
     report = tmp_path / "report.json"
     rc = cli_main(["eval", str(json_path), "--teacher", str(json_path), "--data", str(root / "held"),
-                   "--assets", "6", "--steps", "1", "2", "--teacher-steps", "8", "--latency-batch", "3", "--latency-repeats", "1",
+                   "--assets", "6", "--steps", "1", "2", "--teacher-steps", "8", "--latency-batch", "3",
+                   "--latency-repeats", "1",
                    "--threads", "1", "--out", str(tmp_path / "out"), "--json", str(report),
                    "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     assert rc == 0
@@ -57,9 +61,10 @@ def test_slat_eval_end_to_end(tiny, tmp_path, capsys):
         assert entry["speedup"] == pytest.approx(teacher_latency / entry["latency_s"])
     s = result["settings"]
     assert s["stage"] == "slat" and s["assets"] == 6 and s["latency_batch"] == 3 and s["teacher_sampler"]["steps"] == 8
+    assert s["voxels"] > s["assets"]
     out = capsys.readouterr().out
     assert "no renders" in out and "feat MSE" in (tmp_path / "out" / "table.txt").read_text()
-    flat = evaluate_slat.flat_slat_metrics(result)
+    flat = flat_metrics(result)
     assert flat["eval_feat_mse_1step"] == result["steps"]["1"]["feat_mse"] and flat["eval_teacher_speedup"] == 1.0
 
     from mlflow.tracking import MlflowClient
@@ -73,11 +78,11 @@ def test_slat_eval_needs_a_stage2_teacher(tiny, capsys):
     root, json_path = tiny
     base = ["eval", str(json_path), "--data", str(root / "held"), "--assets", "2", "--steps", "1",
             "--set", "tracking.enabled=false"]
-    assert cli_main(base) == 1
+    assert cli_main(base) == 2
     assert "pass --teacher" in capsys.readouterr().err
-    assert cli_main([*base, "--teacher", "mdt_ray/assets/teacher_ss_demo.json"]) == 1
+    assert cli_main([*base, "--teacher", "mdt_ray/assets/teacher_ss_demo.json"]) == 2
     assert "not a stage-2 SLatFlowModel" in capsys.readouterr().err
-    assert evaluate_slat.checkpoint_stage(json_path) == "slat"
+    assert checkpoint_stage(json_path).name == "slat"
 
 
 class _Clocked(torch.nn.Module):
@@ -93,38 +98,38 @@ class _Clocked(torch.nn.Module):
 
 
 def test_sparse_latency_bookkeeping(monkeypatch):
-    from mdt_ray.evaluate import STUDENT_SAMPLER, speedups
     from mdt_ray.models.sparse import SparseBatch
 
     clock = [0.0]
-    monkeypatch.setattr(evaluate_slat.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: clock[0])
     model = _Clocked(clock)
     x = SparseBatch.from_list([torch.zeros(3, 3, dtype=torch.int32), torch.ones(5, 3, dtype=torch.int32)],
                               [torch.zeros(3, 8), torch.zeros(5, 8)])
-    entries = {"teacher": (model, 25, evaluate_slat.SLAT_TEACHER_SAMPLER), "1": (model, 1, STUDENT_SAMPLER)}
-    lat = evaluate_slat.measure_latency_sparse(entries, x, torch.zeros(2, 4, 64), repeats=2)
+    entries = {"teacher": (model, 25, get_stage("slat").teacher_sampler), "1": (model, 1, STUDENT_SAMPLER)}
+    lat = measure_latency(entries, x, torch.zeros(2, 4, 64), repeats=2)
     assert lat == pytest.approx({"teacher": 44e-3, "1": 1e-3})
     assert speedups(lat, "teacher") == pytest.approx({"teacher": 1.0, "1": 44.0})
     with pytest.raises(ValueError, match="repeats must be >= 1"):
-        evaluate_slat.measure_latency_sparse(entries, x, torch.zeros(2, 4, 64), repeats=0)
+        measure_latency(entries, x, torch.zeros(2, 4, 64), repeats=0)
 
 
 def test_pretrain_slat_smoke(tiny, tmp_path):
-    from mdt_ray import pretrain_slat
+    from mdt_ray import pretrain
+    from mdt_ray.config import ConfigError
     from mdt_ray.models import load_trellis
     from mdt_ray.models.slat_flow import SLatFlowModel
 
     root, _ = tiny
     held = str(root / "held")
-    cfg = pretrain_slat.load_slat_pretrain_config(None, [
+    cfg = pretrain.load_pretrain_config(None, [
         "train.steps=3", "train.batch_size=2", "train.log_every=1", "train.eval_assets=2",
-        f"data.uri={held}", f"data.eval_uri={held}", "tracking.enabled=false"])
+        f"data.uri={held}", f"data.eval_uri={held}", "tracking.enabled=false"], stage="slat")
     lines = []
-    summary = pretrain_slat.pretrain_slat(cfg, str(tmp_path), "t", eval_steps=2, log=lines.append)
+    summary = pretrain.pretrain(cfg, str(tmp_path), "t", eval_steps=2, log=lines.append)
     model = load_trellis(summary["json"])
     assert isinstance(model, SLatFlowModel) and model.resolution == 32
     assert sum(p.numel() for p in model.parameters()) == summary["params"] and np.isfinite(summary["final_loss"])
     assert {"guided_feat_mse", "guided_fd", "unguided_feat_mse"} <= set(summary["eval"])
     assert any("step 3/3" in line for line in lines)
-    with pytest.raises(pretrain_slat.ConfigError, match="model.stage"):
-        pretrain_slat.load_slat_pretrain_config(None, ["model.stage=ss"])
+    with pytest.raises(ConfigError, match="model.stage"):
+        pretrain.load_pretrain_config(None, ["model.stage=ss"], stage="slat")
