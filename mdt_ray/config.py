@@ -100,6 +100,9 @@ class TrainConfig(_Block):
     eval_assets: int = Field(32, gt=0)
     eval_steps: list[int] = Field(default_factory=lambda: [1, 2])
     seed: int = 0
+    # A worker that waits this long for its next batch stops with an error saying where it
+    # waits, instead of hanging (Ray Data starved of CPUs, a silent store); 0 waits forever.
+    batch_timeout_s: float = Field(300.0, ge=0)
 
     @model_validator(mode="after")
     def _split_divides(self) -> "TrainConfig":

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 import torch
 
+from mdt_ray.flow import batch_size
 from mdt_ray.objectives import NUM_T_BINS, compute_loss, draw_inputs
 
 
@@ -219,6 +220,35 @@ class Engine:
 
     def averaged_model(self) -> torch.nn.Module:
         return averaged(self.student, self.ema)
+
+    # Health of the weights after `apply`: the loss guard sees the weights before the update only.
+    @torch.no_grad()
+    def weights_finite(self) -> torch.Tensor:
+        """Whether every student parameter (and EMA tensor) is finite: a 0-dim bool tensor on the
+        engine's device, for a distributed caller to all-reduce. One max-|w| per tensor, which
+        (unlike a sum or a 2-norm) cannot overflow on finite weights."""
+        tensors = [p.detach() for p in self.student.parameters()]
+        if self.ema is not None:
+            tensors += list(self.ema.shadow.values())
+        maxima = torch._foreach_norm(tensors, float("inf"))
+        return torch.isfinite(torch.stack([m.float() for m in maxima])).all()
+
+    @torch.no_grad()
+    def outputs_finite(self, batch: dict[str, Any]) -> torch.Tensor:
+        """Whether the student, and the network with the EMA weights, give finite velocities on
+        the first micro-batch of `batch` at t = 0.5 (a 0-dim bool tensor). Finite weights can
+        still overflow in the forward pass (activations too large for attention), and a checkpoint
+        of them is no good checkpoint: call this before writing one."""
+        x0, cond = self.stage.micro_batches(batch, self.train.batch_split)[0]
+        t = torch.full((batch_size(x0),), 500.0, device=self.device)
+        ok = torch.ones((), dtype=torch.bool, device=self.device)
+        weights = [None] + ([self.ema.shadow] if self.ema is not None else [])
+        with autocast_for(self.train.mixed_precision, self.device):
+            for named in weights:
+                out = (self.student(x0, t, cond) if named is None
+                       else torch.func.functional_call(self.student, named, (x0, t, cond)))
+                ok &= torch.isfinite(out if isinstance(out, torch.Tensor) else out.feats).all()
+        return ok
 
     # Checkpoint contents (mdt_ray/train/state.py writes them to safetensors + JSON).
     def optimizer_tensors(self) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -8,6 +8,7 @@ from the environment only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -53,6 +54,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
 
 
 _PARAM_KEY = re.compile(r"[^0-9A-Za-z_\-. /]")
+_REPO = Path(__file__).resolve().parents[1]
 
 
 def _param_value(value: Any) -> str:
@@ -60,20 +62,44 @@ def _param_value(value: Any) -> str:
     return text if len(text) <= 6000 else text[:5997] + "..."
 
 
+def context_tags() -> dict[str, str]:
+    """MLflow's standard context tags (user, source name and type, ...) plus the git commit of
+    the checkout mdt-ray runs from. MLflow's own git provider needs GitPython, which mdt-ray
+    does not install, so the commit is asked of git directly; none outside a checkout."""
+    import subprocess
+
+    from mlflow.tracking.context.registry import resolve_tags
+
+    tags = dict(resolve_tags())
+    if "mlflow.source.git.commit" not in tags and (_REPO / ".git").exists():
+        try:
+            commit = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                    timeout=10).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            commit = ""
+        if commit:
+            tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
 def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
-              tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None) -> str:
-    """Create a run with the resolved config as params; returns its id."""
-    from mlflow.entities import Param, RunTag
+              tags: Optional[dict[str, str]] = None, parent_run_id: Optional[str] = None,
+              config_yaml: Optional[str] = None) -> str:
+    """Create a run with the resolved config as params (and, given, as the `config.yaml`
+    artifact) and MLflow's context tags; returns its id."""
+    from mlflow.entities import Param
 
     client = _client(uri)
     exp_id = _experiment_id(client, experiment, uri)
-    all_tags = {"mlflow.runName": run_name, **(tags or {})}
+    all_tags = {**context_tags(), "mlflow.runName": run_name, "mdt_ray": "1", **(tags or {})}
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
     run = client.create_run(exp_id, run_name=run_name, tags=all_tags)
-    items = [Param(_PARAM_KEY.sub("_", k), _param_value(v)) for k, v in sorted(params.items())]
-    for i in range(0, len(items), 100):  # MLflow's batch limit for params
-        client.log_batch(run.info.run_id, params=items[i : i + 100], tags=[RunTag("mdt_ray", "1")] if i == 0 else [])
+    # MlflowClient.log_batch splits into MLflow's per-request limits itself.
+    client.log_batch(run.info.run_id, params=[Param(_PARAM_KEY.sub("_", k), _param_value(v))
+                                              for k, v in sorted(params.items())])
+    if config_yaml is not None:
+        client.log_text(run.info.run_id, config_yaml, "config.yaml")
     return run.info.run_id
 
 
@@ -87,6 +113,45 @@ def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
     client.set_terminated(run_id, status=status)
 
 
+def register_model(uri: str, run_id: str, name: str, artifact_path: str,
+                   metrics: Optional[dict[str, float]] = None) -> str:
+    """Register the run's artifact folder `artifact_path` (the TRELLIS safetensors export, no
+    pickle) as a new version of model `name`, tagged with its eval metrics; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(uri)
+    try:
+        client.create_registered_model(name)
+    except MlflowException as e:
+        if "already exists" not in str(e).lower() and getattr(e, "error_code", "") != "RESOURCE_ALREADY_EXISTS":
+            raise
+    source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{artifact_path}"
+    tags = {k: f"{float(v):.6g}" for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+    return str(client.create_model_version(name, source=source, run_id=run_id, tags=tags).version)
+
+
+@contextlib.contextmanager
+def system_metrics(uri: Optional[str], run_id: Optional[str], node_id: Optional[str] = None):
+    """MLflow's system metrics (CPU, memory, disk, network; GPU through NVML when pynvml is
+    installed) sampled into the run while the block runs, prefixed by `node_id` so that every
+    node of a cluster logs its own. A no-op without a run, or when psutil is missing."""
+    monitor = None
+    if uri and run_id:
+        try:
+            import psutil  # noqa: F401  (MLflow's CPU monitor needs it)
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        except ImportError:
+            pass
+        else:
+            monitor = SystemMetricsMonitor(run_id, node_id=node_id, tracking_uri=uri, resume_logging=True)
+            monitor.start()
+    try:
+        yield monitor
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
 class RunLogger:
     """Logs metrics/artifacts into an existing run (used by rank 0 and by the driver)."""
 
@@ -94,8 +159,11 @@ class RunLogger:
         self.enabled = bool(uri and run_id)
         self.run_id = run_id
         self._client = _client(uri) if self.enabled else None
+        self._pending: list[Any] = []
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Queued, not waited for: on rank 0 this sits right before Ray Train's report barrier,
+        where a slow tracking server would stall every rank. `flush` waits for the queue."""
         if not self.enabled:
             return
         import math
@@ -109,8 +177,15 @@ class RunLogger:
             for k, v in metrics.items()
             if isinstance(v, (int, float)) and math.isfinite(float(v))
         ]
-        for i in range(0, len(items), 1000):
-            self._client.log_batch(self.run_id, metrics=items[i : i + 1000])
+        if items:
+            self._pending.append(self._client.log_batch(self.run_id, metrics=items, synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until every queued metric is stored (raises what the store raised)."""
+        pending, self._pending = self._pending, []
+        for ops in pending:
+            if ops is not None:
+                ops.wait()
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: Optional[str] = None) -> None:
         if self.enabled:

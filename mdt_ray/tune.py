@@ -27,11 +27,13 @@ Sweep file (jobs/configs/sweep.yaml):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import re
+import socket
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -178,20 +180,28 @@ def _tune_space(spec: SweepSpec) -> dict[str, Any]:
     return out
 
 
-def fit_concurrency(cfg: Config, spec: SweepSpec) -> int:
-    """Trials that fit the cluster at once: each takes its workers' CPUs/GPUs plus one CPU of
-    headroom for its Ray Data read tasks (on 2 cores, Ray 2.60 hangs without it)."""
-    import ray
+def trial_count(spec: SweepSpec) -> int:
+    """Trials the sweep runs in all: Tune repeats the whole grid `num_samples` times."""
+    grid = math.prod(len(d.grid) for d in spec.space.values() if d.grid is not None)
+    return grid * spec.num_samples
 
-    if spec.max_concurrent_trials != "auto":
-        return int(spec.max_concurrent_trials)
-    res = ray.cluster_resources()
-    s = cfg.scale
-    by_cpu = math.floor(res.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + 1.0))
-    limits = [by_cpu]
-    if s.use_gpu:
-        limits.append(math.floor(res.get("GPU", 0) / (s.num_workers * s.gpus_per_worker)))
-    return max(1, min(limits))
+
+def fit_concurrency(cfg: Config, spec: SweepSpec, cluster: dict[str, float]) -> int:
+    """Trials at once on a cluster of `cluster` resources: sweep.max_concurrent_trials, or (auto)
+    as many as fit, each with its workers, its driver and one CPU for its Ray Data read tasks
+    (mdt_ray/train/resources.py). Raises RunError, naming the numbers, when that many do not fit."""
+    from mdt_ray.train.launch import RunError
+    from mdt_ray.train.resources import TRIAL_DRIVER_CPUS, fitting_runs, plan_of
+
+    if spec.max_concurrent_trials == "auto":
+        wanted = max(1, fitting_runs(cfg.scale, cluster, driver_cpus=TRIAL_DRIVER_CPUS))
+    else:
+        wanted = int(spec.max_concurrent_trials)
+    runs = min(wanted, trial_count(spec))
+    problem = plan_of(cfg.scale, cluster, runs=runs, driver_cpus=TRIAL_DRIVER_CPUS).problem(sweep=True)
+    if problem:
+        raise RunError(f"sweep {spec.name!r} cannot start: {problem}")
+    return runs
 
 
 def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optional[str],
@@ -203,6 +213,7 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from mdt_ray.train.launch import Tracking, launch
+    from mdt_ray.train.resources import TRIAL_DRIVER_CPUS
 
     context = tune.get_context()
     name, trial_id = context.get_trial_name(), context.get_trial_id()
@@ -213,7 +224,7 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
     # would race the driver's (CI saw a stopped trial's late FAILED overwrite its KILLED).
     tracking = Tracking(tracking_uri, experiment, parent_run_id=parent_run_id, params={"trial": name},
                         tags={"mdt_ray.sweep": sweep_name, "mdt_ray.trial_id": trial_id}, close=False)
-    launch(cfg, resume=resume, tracking=tracking, callbacks=[TuneReportCallback()])
+    launch(cfg, resume=resume, tracking=tracking, callbacks=[TuneReportCallback()], driver_cpus=TRIAL_DRIVER_CPUS)
 
 
 def trial_config(tree: dict[str, Any], params: dict[str, Any], name: str, storage_path: str) -> Config:
@@ -260,22 +271,28 @@ def _trial_id(result) -> str:
 
 
 def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: bool = False) -> dict[str, Any]:
-    """Run the sweep; returns {"best": {...}, "trials": [...], "parent_run_id": ..., "table": ...}."""
+    """Run the sweep; returns {"best": {...}, "trials": [...], "parent_run_id": ..., "table": ...}.
+    What every trial would fail on is checked before Ray starts, and the trials at once against
+    the cluster before anything is written (a RunError says what does not fit)."""
     from mdt_ray import tracking
     from mdt_ray.train.launch import Tracking
+    from mdt_ray.train.resources import cluster_capacity
     from mdt_ray.train.trainer import ensure_ray
 
+    check_inputs(cfg, spec)
+    start_local_ray()
     ensure_ray()
+    concurrency = fit_concurrency(cfg, spec, cluster_capacity())
     uri = Tracking.of(cfg).uri
-    parent = None
-    if uri:
-        parent = tracking.start_run(uri, cfg.tracking.experiment, spec.name,
-                                    {"sweep.space": json.dumps({k: v.model_dump(exclude_none=True)
-                                                                for k, v in spec.space.items()}),
-                                     "sweep.metric": spec.metric, "sweep.mode": spec.mode, "sweep.search": spec.search,
-                                     **cfg.flat()},
-                                    tags={"mdt_ray.sweep": spec.name})
-    results = _tuner(cfg, spec, tree, uri, parent, resume).fit()
+    parent = _start_parent(uri, cfg, spec) if uri else None
+    try:
+        results = _tuner(cfg, spec, tree, uri, parent, resume, concurrency).fit()
+    except Exception:
+        if parent:  # a sweep that could not finish must not leave its runs RUNNING
+            with contextlib.suppress(Exception):
+                _close_children(uri, parent, [])
+                tracking.end_run(uri, parent, "FAILED")
+        raise
     trials = [_outcome(r, spec, cfg.train.steps) for r in results]
     ok = [t for t in trials if t["metric"] is not None and t["status"] != "ERROR"]
     best = (min if spec.mode == "min" else max)(ok, key=lambda t: t["metric"]) if ok else None
@@ -293,12 +310,69 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
     return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
 
 
+def start_local_ray() -> None:
+    """Start the local Ray cluster of a sweep (when there is no cluster to join) with its address
+    known to every process in it.
+
+    Ray 2.60's Train V2 frees the worker placement group of a run whose controller died (the trial
+    of a run Tune stopped early) from a detached PlacementGroupCleaner actor, which finds its
+    cluster through RAY_ADDRESS, else by looking for Ray processes on the machine, and fails when
+    it sees more than one Ray instance there. The stopped trial's worker CPUs then stay reserved,
+    and the next trial's Ray Data has no CPU to read with. So the GCS port is chosen here and every
+    worker gets the address (RAY_GCS_SERVER_PORT is what Ray's node start reads for a new head).
+    """
+    import ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    address = f"{ray.util.get_node_ip_address()}:{port}"
+    before = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
+    finally:
+        if before is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = before
+
+
+def check_inputs(cfg: Config, spec: SweepSpec) -> None:
+    """What every trial would fail on, found on the driver before Ray starts: the sweep's store
+    and the base config's corpora (those the search space does not vary)."""
+    from mdt_ray.data.schema import read_manifest
+    from mdt_ray.data.storage import StorageTarget
+    from mdt_ray.train.launch import naming
+
+    with naming("sweep.storage_path"):
+        StorageTarget.from_data_config(cfg.data, spec.storage_path).check_bucket()
+    for key, uri in (("data.uri", cfg.data.uri), ("data.eval_uri", cfg.data.eval_uri)):
+        if uri and key not in spec.space:
+            with naming(key):
+                read_manifest(StorageTarget.from_data_config(cfg.data, uri))
+
+
+def _start_parent(uri: str, cfg: Config, spec: SweepSpec) -> str:
+    """The sweep's parent MLflow run: the space, metric and the base config as params."""
+    from mdt_ray import tracking
+
+    space = json.dumps({k: v.model_dump(exclude_none=True) for k, v in spec.space.items()})
+    return tracking.start_run(uri, cfg.tracking.experiment, spec.name,
+                              {"sweep.space": space, "sweep.metric": spec.metric, "sweep.mode": spec.mode,
+                               "sweep.search": spec.search, **cfg.flat()},
+                              tags={"mdt_ray.sweep": spec.name})
+
+
 def _tuner(cfg: Config, spec: SweepSpec, tree: dict[str, Any], uri: Optional[str], parent: Optional[str],
-           resume: bool):
+           resume: bool, concurrency: int):
     """The Tuner of the sweep (restored from its experiment folder when resuming one)."""
     from ray import tune
 
     from mdt_ray.data.storage import StorageTarget
+    from mdt_ray.train.resources import TRIAL_DRIVER_CPUS
 
     sweep_store = StorageTarget.from_data_config(cfg.data, spec.storage_path)
     if sweep_store.is_s3:
@@ -310,9 +384,7 @@ def _tuner(cfg: Config, spec: SweepSpec, tree: dict[str, Any], uri: Optional[str
         sweep_name=spec.name, storage_path=spec.storage_path if sweep_store.is_s3 else storage_path, resume=resume,
     )
     # The trial function only drives a TorchTrainer; its workers hold the real resources.
-    # Ray 2.60 rejects {"cpu": 0}, so the driver actor takes a sliver.
-    trainable = tune.with_resources(trainable, {"cpu": 0.01})
-    concurrency = fit_concurrency(cfg, spec)
+    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS})
     exp_path = f"{storage_path.rstrip('/')}/{spec.name}"
     print(f"[mdt-ray] sweep {spec.name}: {spec.search} search over {sorted(spec.space)}, "
           f"metric {spec.metric} ({spec.mode}), {concurrency} trial(s) at a time -> {exp_path}", flush=True)
@@ -348,6 +420,8 @@ def _search_alg(spec: SweepSpec):
 
 def _outcome(result, spec: SweepSpec, steps: int) -> dict[str, Any]:
     """One row of the sweep's report from Tune's result of a trial."""
+    from mdt_ray.train.launch import failure_line
+
     m = result.metrics or {}
     return {
         "trial": _trial_id(result),
@@ -356,17 +430,8 @@ def _outcome(result, spec: SweepSpec, steps: int) -> dict[str, Any]:
         "step": m.get("step"),
         "status": "ERROR" if result.error else ("STOPPED" if m.get("step", 0) < steps else "DONE"),
         "checkpoint": m.get("checkpoint_path"),
-        "error": _error_line(result.error) if result.error else None,
+        "error": failure_line(result.error) if result.error else None,
     }
-
-
-def _error_line(error: BaseException) -> str:
-    """The message of the error that failed a trial, without Ray's wrapping (a RayTaskError's
-    `cause` is the trial's own exception; a TuneError's text ends with it)."""
-    while getattr(error, "cause", None) is not None and error.cause is not error:
-        error = error.cause
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[-1] if lines else type(error).__name__
 
 
 def _log_to_parent(uri: str, parent: str, spec: SweepSpec, trials: list[dict[str, Any]], best: Optional[dict],

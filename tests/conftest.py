@@ -23,6 +23,9 @@ atexit.register(shutil.rmtree, _ROOT, ignore_errors=True)
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# MLflow samples system metrics every 10 s by default; test runs last seconds. Ray workers
+# inherit this from the environment of the moment the session cluster starts.
+os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
 os.environ["RAY_TMPDIR"] = os.path.join(_ROOT, "ray")
 os.environ["TMPDIR"] = os.path.join(_ROOT, "tmp")
 os.environ["RAY_AUTH_TOKEN_PATH"] = os.path.join(_ROOT, "auth_token")

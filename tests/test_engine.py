@@ -215,3 +215,45 @@ def test_optimizer_state_round_trips_through_named_tensors():
     fresh.load_optimizer(tensors, groups)
     again, _ = fresh.optimizer_tensors()
     assert set(again) == set(tensors) and all(torch.equal(again[k], tensors[k]) for k in tensors)
+
+
+def test_weights_finite_sees_the_student_and_the_ema():
+    engine = _engine(method="fm")
+    engine.step(_batch(), 0)
+    assert bool(engine.weights_finite()) and engine.weights_finite().dtype == torch.bool
+    name = next(iter(engine.ema.shadow))
+    engine.ema.shadow[name][0] = float("nan")
+    assert not bool(engine.weights_finite())
+    engine.ema = None
+    assert bool(engine.weights_finite())
+    with torch.no_grad():
+        next(engine.student.parameters()).view(-1)[0] = float("inf")
+    assert not bool(engine.weights_finite())
+
+
+def test_an_overflowing_update_leaves_non_finite_weights_that_the_loss_guard_cannot_see():
+    # AdamW's decoupled decay multiplies every weight by (1 - lr·weight_decay): here by -1e39.
+    engine = _engine(weight_decay=1e42)
+    terms, _ = engine.step(_batch(), 0)
+    assert terms.finite  # the loss came from the weights before the update
+    assert not bool(engine.weights_finite())
+
+
+def test_finite_but_huge_weights_are_caught_by_their_outputs():
+    # train.lr=1e6 as in the issue: every weight moves by ~1e6, all finite, the outputs are not.
+    engine = _engine(lr=1e6, grad_clip=None)
+    assert bool(engine.outputs_finite(_batch()))
+    engine.step(_batch(), 0)
+    assert bool(engine.weights_finite())
+    assert not bool(engine.outputs_finite(_batch(1)))
+
+
+def test_the_output_probe_checks_the_ema_weights_too_and_leaves_the_student_alone():
+    engine = _engine(method="fm", batch_split=2)
+    engine.step(_batch(), 0)
+    before = {k: v.clone() for k, v in engine.student.state_dict().items()}
+    assert bool(engine.outputs_finite(_batch(1)))
+    for v in engine.ema.shadow.values():
+        v.mul_(1e30)
+    assert not bool(engine.outputs_finite(_batch(1)))
+    assert all(torch.equal(v, before[k]) for k, v in engine.student.state_dict().items())

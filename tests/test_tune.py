@@ -7,7 +7,7 @@ import yaml
 
 from mdt_ray.config import ConfigError
 from mdt_ray.data.corpus import build_synthetic
-from mdt_ray.tune import load_sweep, run_sweep
+from mdt_ray.tune import fit_concurrency, load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -114,7 +114,10 @@ def test_invalid_search_space_is_rejected_before_any_trial(tmp_path, space, key)
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
 
 
-def test_shipped_sweep_config_validates():
+def test_shipped_sweep_config_validates_and_fits_two_cores():
     cfg, spec, _ = load_sweep(REPO / "jobs/configs/sweep.yaml")
     assert set(spec.space) == {"distill.lambda_vd", "distill.dt"}
     assert spec.metric == "eval_fd_1step" and cfg.scale.num_workers == 1
+    # As shipped, on the 2-core CI machine: one trial at a time, with a whole CPU left for its
+    # Ray Data read tasks (tests/test_shipped_configs.py runs it there).
+    assert spec.max_concurrent_trials == "auto" and fit_concurrency(cfg, spec, {"CPU": 2.0}) == 1

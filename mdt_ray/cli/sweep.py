@@ -16,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mdt_ray.train.launch import RunError
     from mdt_ray.tune import load_sweep, run_sweep
 
     if not args.config:
@@ -25,7 +26,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: v for k, v in out.items() if k != "table"}, f, indent=1, default=str)
-    return 0 if out["best"] else 1
+    if not out["best"]:
+        raise RunError(f"sweep {spec.name!r}: no trial reported {spec.metric} (the trial errors are above)")
+    return 0
 
 
 main = main_for("sweep", "Ray Tune sweep of MDT-dist distillation runs", add_arguments, run)

@@ -40,7 +40,7 @@ def limit_threads(threads: Optional[int]) -> None:
     # and, on a busy machine, slow everything down far more than they help.
     try:
         import threadpoolctl
-    except ImportError:  # not a pinned dependency; without it numpy keeps its default pool
+    except ImportError:  # pinned, but optional for a bare `pip install --no-deps`: numpy keeps its pool
         return
     threadpoolctl.threadpool_limits(threads)
 

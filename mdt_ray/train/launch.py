@@ -1,16 +1,22 @@
 """The one way a distillation run starts, used by `mdt-ray distill` and by every sweep trial.
 
-`launch` checks that the run may start (an existing run is refused unless resumed, Ray Train V2
-would otherwise restore it from its latest checkpoint and mix two runs; the teacher must fit the
-stage and the corpus), opens its MLflow run, records the run's metadata in its directory, loads
-the held-out split, builds the TorchTrainer, fits it and turns a worker's stop note or failure
-into a RunError. What a sweep trial does differently is given as arguments: its MLflow run hangs
-under the sweep's parent and stays open for the sweep's driver to close, and Tune hears its
-reports through a callback.
+`launch` first checks, before Ray starts, what the user can get wrong: the store of
+run.storage_path, an existing run (refused unless resumed: Ray Train V2 would otherwise restore
+it from its latest checkpoint and mix two runs), the corpus, the teacher against the stage and the
+corpus, the held-out corpus (read here). Then, on the cluster, that the workers leave Ray Data a
+CPU to read with (train/resources.py). Only then does it write: it opens the MLflow run, records
+the run's metadata in its directory, builds the TorchTrainer, fits it and turns a worker's stop
+note or failure into a RunError; a new run that fails before its first checkpoint ends its MLflow
+run FAILED and leaves no directory that would refuse the corrected rerun. What a sweep trial does
+differently is given as arguments: its MLflow run hangs under the sweep's parent and stays open
+for the sweep's driver to close, Tune hears its reports through a callback, and its driver's
+CPUs count in the resource check.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -58,33 +64,66 @@ def distill(cfg: Config, *, resume: bool = False) -> DistillResult:
     return launch(cfg, resume=resume or cfg.run.resume, tracking=Tracking.of(cfg))
 
 
-def launch(cfg: Config, *, resume: bool, tracking: Tracking, callbacks: Optional[list] = None) -> DistillResult:
-    """Check, record and fit one run (see the module docstring)."""
+def launch(cfg: Config, *, resume: bool, tracking: Tracking, callbacks: Optional[list] = None,
+           driver_cpus: float = 0.0) -> DistillResult:
+    """Check, record and fit one run (see the module docstring). What the user can get wrong is
+    checked before Ray starts, and the cluster's room before anything is written; a new run that
+    fails before its first checkpoint leaves no run directory behind. `driver_cpus`: what the
+    caller's own process holds of the cluster (a sweep trial's driver)."""
     from mdt_ray.data.schema import read_manifest
     from mdt_ray.data.storage import StorageTarget
 
-    ensure_ray()
+    with naming("run.storage_path"):
+        StorageTarget.from_data_config(cfg.data, cfg.run.storage_path).check_bucket()
     run_dir = run_dir_of(cfg)
     existing = refuse_existing(cfg, run_dir, resume)
-    manifest = read_manifest(StorageTarget.from_data_config(cfg.data))
+    with naming("data.uri"):
+        manifest = read_manifest(StorageTarget.from_data_config(cfg.data))
     check_compatible(cfg, manifest)
+    with naming("data.eval_uri"):
+        held_out = load_eval_split(cfg)
+    ensure_ray()
+    check_resources(cfg, driver_cpus=driver_cpus)
     run_id = open_mlflow_run(cfg, tracking, existing, manifest.num_rows)
-    run_dir.write(RUN_META, {"mlflow_run_id": run_id, "tracking_uri": tracking.uri, "name": cfg.run.name,
-                             "config": cfg.model_dump(mode="json")})
-    trainer = build_trainer(cfg, manifest, mlflow_run_id=run_id, tracking_uri=tracking.uri, callbacks=callbacks,
-                            eval_split=_eval_split(cfg))
-    return fit(trainer, cfg, run_dir, run_id, tracking)
+    with _undone_on_failure(run_dir, run_id, tracking, new=existing is None):
+        run_dir.write(RUN_META, {"mlflow_run_id": run_id, "tracking_uri": tracking.uri, "name": cfg.run.name,
+                                 "config": cfg.model_dump(mode="json")})
+        trainer = build_trainer(cfg, manifest, mlflow_run_id=run_id, tracking_uri=tracking.uri, callbacks=callbacks,
+                                eval_split=_in_object_store(held_out))
+        return fit(trainer, cfg, run_dir, run_id, tracking)
+
+
+@contextlib.contextmanager
+def naming(key: str):
+    """Corpus and storage errors raised inside name the config key whose value they are about."""
+    from mdt_ray.data.schema import CorpusError
+    from mdt_ray.data.storage import StorageError
+
+    try:
+        yield
+    except (CorpusError, StorageError) as e:
+        raise type(e)(f"{key}: {e}") from e
+
+
+def check_resources(cfg: Config, *, driver_cpus: float = 0.0) -> None:
+    """Refuse, with the numbers, a run whose workers leave Ray Data no CPU to read with (a run
+    that would otherwise wait forever at 0 rows; see mdt_ray/train/resources.py)."""
+    from mdt_ray.train.resources import cluster_capacity, plan_of
+
+    problem = plan_of(cfg.scale, cluster_capacity(), driver_cpus=driver_cpus).problem()
+    if problem:
+        raise RunError(f"run {cfg.run.name!r} cannot start: {problem}")
 
 
 def refuse_existing(cfg: Config, run_dir: RunDir, resume: bool) -> Optional[dict[str, Any]]:
-    """The metadata of the run already in `run_dir` (None when there is none); an existing run
-    not asked to resume is refused."""
+    """The metadata of the run already in `run_dir` (None when there is no run there, {} when its
+    metadata is missing); an existing run not asked to resume is refused."""
     if not run_dir.has_files():
         return None
     if not resume:
         raise RunError(f"run {cfg.run.name!r} already exists in {cfg.run.storage_path}: pass --resume to continue "
                        "it from its latest checkpoint, or set run.name to start a new one")
-    return run_dir.read(RUN_META)
+    return run_dir.read(RUN_META) or {}
 
 
 def check_compatible(cfg: Config, manifest) -> None:
@@ -124,40 +163,106 @@ def open_mlflow_run(cfg: Config, tracking: Tracking, existing: Optional[dict[str
         return existing["mlflow_run_id"]
     return mlflow_runs.start_run(tracking.uri, tracking.experiment, cfg.run.name, {**cfg.flat(), **tracking.params},
                                  tags={"mdt_ray.corpus_rows": str(corpus_rows), **tracking.tags},
-                                 parent_run_id=tracking.parent_run_id)
+                                 parent_run_id=tracking.parent_run_id, config_yaml=cfg.to_yaml())
 
 
-def _eval_split(cfg: Config):
-    """data.eval_uri's first train.eval_assets assets, in the object store for rank 0; None without one."""
+def load_eval_split(cfg: Config):
+    """data.eval_uri's first train.eval_assets assets (the held-out Split for rank 0's in-training
+    eval), read on the driver before Ray starts; None without an eval corpus."""
     if not cfg.data.eval_uri:
         return None
-    import ray
-
     from mdt_ray.data.storage import StorageTarget
     from mdt_ray.stages import get_stage
 
     held = StorageTarget.from_data_config(cfg.data, cfg.data.eval_uri)
-    return ray.put(get_stage(cfg.model.stage).load(held, limit=cfg.train.eval_assets))
+    return get_stage(cfg.model.stage).load(held, limit=cfg.train.eval_assets)
+
+
+def _in_object_store(split):
+    if split is None:
+        return None
+    import ray
+
+    return ray.put(split)
+
+
+@contextlib.contextmanager
+def _undone_on_failure(run_dir: RunDir, run_id: Optional[str], tracking: Tracking, *, new: bool):
+    """On a failure: the run's MLflow run ends FAILED (when this process closes it), and a new
+    run's directory goes when no checkpoint reached it. Its metadata would refuse the corrected
+    rerun ("already exists ... pass --resume") and nothing in it is worth resuming."""
+    from mdt_ray import tracking as mlflow_runs
+
+    try:
+        yield
+    except Exception:
+        # Clean-up must not hide the failure being reported, so its own errors are dropped.
+        if tracking.close and tracking.uri and run_id:
+            with contextlib.suppress(Exception):
+                mlflow_runs.end_run(tracking.uri, run_id, "FAILED")
+        if new:
+            with contextlib.suppress(Exception):
+                discard_unstarted(run_dir)
+        raise
+
+
+def discard_unstarted(run_dir: RunDir) -> bool:
+    """Remove `run_dir` unless it holds a checkpoint; True when it was removed."""
+    import pyarrow.fs as pafs
+
+    fs = run_dir.fs or pafs.LocalFileSystem()
+    entries = fs.get_file_info(pafs.FileSelector(run_dir.path, allow_not_found=True))
+    if any(e.base_name.startswith("checkpoint_") for e in entries):
+        return False
+    fs.delete_dir(run_dir.path)
+    return True
+
+
+def failure_line(error: BaseException) -> str:
+    """Why a run failed, in one line, without Ray's wrapping: a worker's own exception (Ray Train
+    2.60's WorkerGroupError keeps it per rank, a ControllerError its cause, a RayTaskError's
+    `cause` is the task's own exception), as `Type: last line of its message` (a RunError's
+    message alone)."""
+    failures = getattr(error, "worker_failures", None)
+    if failures:
+        rank = min(failures)
+        return f"rank {rank}: {failure_line(failures[rank])}"
+    inner = getattr(error, "controller_failure", None) or getattr(error, "cause", None)
+    if inner is not None and inner is not error:
+        return failure_line(inner)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    return lines[-1] if isinstance(error, RunError) else f"{type(error).__name__}: {lines[-1]}"
 
 
 def fit(trainer, cfg: Config, run_dir: RunDir, run_id: Optional[str], tracking: Tracking) -> DistillResult:
-    """Fit; a worker's stop note or any failure becomes a RunError (and a FAILED MLflow run)."""
+    """Fit; a worker's stop note or any failure becomes a RunError (the caller's
+    `_undone_on_failure` ends the MLflow run FAILED)."""
     from mdt_ray import tracking as mlflow_runs
 
     run_dir.take(STOP_NOTE)  # a stale note from an earlier stop must not fail this run
-    closing = tracking.close and tracking.uri and run_id
     try:
         result = trainer.fit()
-        note = run_dir.take(STOP_NOTE)
-        if note:
-            raise RunError(note.get("message", "non-finite loss"))
     except Exception as e:
-        if closing:
-            mlflow_runs.end_run(tracking.uri, run_id, "FAILED")
-        if isinstance(e, RunError):
-            raise
-        raise RunError(f"run {cfg.run.name!r} failed: {e}") from e
-    if closing:
+        raise RunError(f"run {cfg.run.name!r} failed: {failure_line(e)}") from e
+    note = run_dir.take(STOP_NOTE)
+    if note:
+        raise RunError(note.get("message", "non-finite loss"))
+    metrics = dict(result.metrics or {})
+    if tracking.close and tracking.uri and run_id:
+        _register_student(cfg, tracking.uri, run_id, metrics)
         mlflow_runs.end_run(tracking.uri, run_id, "FINISHED")
     return DistillResult(run_dir=str(result.path), checkpoint=result.checkpoint.path if result.checkpoint else None,
-                         metrics=dict(result.metrics or {}), mlflow_run_id=run_id, result=result)
+                         metrics=metrics, mlflow_run_id=run_id, result=result)
+
+
+def _register_student(cfg: Config, uri: str, run_id: str, metrics: dict[str, Any]) -> None:
+    """The final student (the TRELLIS export rank 0 logged as the `student` artifact) as a new
+    version of the registered model `<experiment>-<stage>-student`, tagged with its eval metrics."""
+    from mdt_ray import tracking as mlflow_runs
+
+    name = f"{cfg.tracking.experiment}-{cfg.model.stage}-student"
+    evals = {k: v for k, v in metrics.items() if k.startswith("eval_")}
+    version = mlflow_runs.register_model(uri, run_id, name, "student", evals)
+    logging.getLogger(__name__).info("registered model %r version %s", name, version)

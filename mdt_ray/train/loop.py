@@ -4,23 +4,32 @@ Per worker: a frozen teacher and a (DDP) student on the same device, the worker'
 corpus, and the optimizer step of mdt_ray.engine; a report every `log_every` steps, a checkpoint
 every `checkpoint_every`, the in-training eval on rank 0, and at the end the EMA student in
 TRELLIS's format. Every rank runs the same fixed steps and calls `ray.train.report` at the same
-steps, so Ray's report barrier cannot deadlock; a non-finite loss on any rank stops all ranks at
-the same step.
+steps, so Ray's report barrier cannot deadlock; a non-finite loss on any rank, or non-finite
+weights after an update (or, before a checkpoint, weights whose outputs are non-finite), stops all
+ranks at the same step, and no checkpoint is written from such weights.
+
+A restarted or resumed worker takes the newest complete checkpoint of the run directory (see
+mdt_ray/train/state.py); a worker that waits too long for a batch stops with an error saying
+where it waits (train.batch_timeout_s); and an error that a restart would only repeat (a corrupt
+shard, a checkpoint that does not fit) ends the run at once through `StopOnDeterministicError`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
+import re
 import sys
-import tempfile
+import threading
 import time
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from ray.train import UserCallback
 
 from mdt_ray.config import Config
 from mdt_ray.engine import Engine, StepTerms
@@ -28,8 +37,9 @@ from mdt_ray.models import export_trellis
 from mdt_ray.models.teachers import build_teacher, freeze, student_from
 from mdt_ray.objectives import NUM_T_BINS
 from mdt_ray.stages import Split, Stage, get_stage
-from mdt_ray.train.position import Batches, Position
-from mdt_ray.train.state import STOP_NOTE, RunDir, load_checkpoint, save_checkpoint
+from mdt_ray.train.position import Batches, Position, ShardTooSmallError
+from mdt_ray.train.state import (STOP_NOTE, CheckpointDamagedError, Restored, RunDir, latest_complete, load_checkpoint,
+                                 save_checkpoint, scratch_dir)
 
 
 @dataclass
@@ -46,6 +56,55 @@ class Worker:
     mlflow_run_id: Optional[str]
     logger: Any  # rank 0's RunLogger when the run is tracked, else None
     eval_split: Optional[Split]  # rank 0's held-out split, else None
+    taken: set[str] = field(default_factory=set)  # checkpoint folder names in use (see _checkpoint_name)
+
+
+class DeterministicFailure(RuntimeError):
+    """A worker failed in a way that a restart would repeat; raised on Ray Train's controller."""
+
+
+class StopOnDeterministicError(UserCallback):
+    """Ends a run at a worker error that a restart would only repeat (`deterministic_errors`).
+
+    Ray Train 2.60 retries every worker error up to FailureConfig.max_failures and has no way to
+    mark one as final, but its controller calls `after_exception` before its failure policy
+    decides, and an error raised there becomes a ControllerError that the default policy does not
+    retry: `fit()` then raises that ControllerError, whose `controller_failure` is the
+    DeterministicFailure raised here, naming the rank and the cause."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for rank, error in sorted(worker_exceptions.items()):
+            cause = deterministic_cause(error)
+            if cause is not None:
+                first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+                raise DeterministicFailure(f"rank {rank}: {type(cause).__name__}: {first} (not retried: a restart "
+                                           "would fail the same way)")
+
+
+def deterministic_errors() -> tuple[type[BaseException], ...]:
+    """The project's errors that a restart would repeat: bad input, not a lost process or store."""
+    from mdt_ray.config import ConfigError
+    from mdt_ray.data.schema import CorpusError
+    from mdt_ray.models.checkpoint import CheckpointMismatchError
+    from mdt_ray.models.teachers import ModelPathError
+
+    return (ConfigError, CorpusError, CheckpointMismatchError, ModelPathError, CheckpointDamagedError,
+            ShardTooSmallError)
+
+
+def deterministic_cause(error: Optional[BaseException]) -> Optional[BaseException]:
+    """The deterministic error in `error`'s chain (its causes, and the cause a RayTaskError from
+    a Ray Data task carries), the innermost one; None when there is none."""
+    kinds, found, seen, todo = deterministic_errors(), None, set(), [error]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, kinds):
+            found = e
+        todo += [e.__cause__, getattr(e, "cause", None)]
+    return found
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -55,7 +114,25 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_step, start = _restore(w, engine)
     # An injected failure fires only in an attempt started without a checkpoint: the restored one finishes.
     fail_at = w.cfg.run.inject_failure_at_step if start_step == 0 else None
-    _train(w, engine, teacher, _batches(w, start), start_step, fail_at)
+    with _node_metrics(loop_config):
+        _train(w, engine, teacher, _batches(w, start), start_step, fail_at)
+    if w.logger is not None:
+        w.logger.flush()
+
+
+def _node_metrics(loop_config: dict[str, Any]):
+    """MLflow system metrics from one worker per node (local rank 0), named by its node rank."""
+    import contextlib
+
+    import ray.train
+
+    from mdt_ray.tracking import system_metrics
+
+    ctx = ray.train.get_context()
+    if ctx.get_local_rank() != 0:
+        return contextlib.nullcontext()
+    return system_metrics(loop_config.get("tracking_uri"), loop_config.get("mlflow_run_id"),
+                          node_id=f"node{ctx.get_node_rank()}")
 
 
 def _worker(loop_config: dict[str, Any]) -> Worker:
@@ -98,23 +175,52 @@ def _build(w: Worker) -> tuple[Engine, torch.nn.Module]:
 
 
 def _restore(w: Worker, engine: Engine) -> tuple[int, Position]:
-    """The step and data position to start from: Ray's latest checkpoint's, else the start."""
+    """The step and data position to start from: the newest complete checkpoint of the run
+    directory (Ray's latest unless that one is damaged, or Ray's snapshot predates it), else the
+    start. Every rank must pick the same one."""
     import ray.train
 
-    checkpoint = ray.train.get_checkpoint()
-    if not checkpoint:
+    offered = ray.train.get_checkpoint()
+    w.taken.update(w.run_dir.checkpoint_names())
+    found = latest_complete(w.run_dir, w.device)
+    if found is None and offered is not None:
+        # Ray's checkpoint lies outside the directory listed (not expected): verify it all the same.
+        with offered.as_directory() as d:
+            found = Restored(Path(offered.path).name, load_checkpoint(d, w.device, label=offered.path))
+    step = found.state["meta"]["step"] if found is not None else 0
+    extremes = _all_reduce(torch.tensor([step, -step], dtype=torch.float64, device=w.device), dist.ReduceOp.MAX)
+    if int(extremes[0]) != -int(extremes[1]):
+        raise CheckpointDamagedError(f"the ranks found different checkpoints to resume from in {w.run_dir.path} "
+                                     f"(steps {-int(extremes[1])} to {int(extremes[0])})")
+    if found is None:
         return 0, Position()
-    with checkpoint.as_directory() as d:
-        state = load_checkpoint(d, w.device)
-    meta = state["meta"]
-    engine.student.load_state_dict(state["student"])
-    engine.load_optimizer(state["optimizer"], meta["param_groups"])
-    if engine.ema is not None and "ema" in state:
-        engine.ema.load_state_dict(state["ema"])
-    engine.clipper.load(meta.get("clip_history", []))
+    _load_state(w, engine, found)
     if w.rank == 0:
-        _say(f"resumed from checkpoint at step {meta['step']}")
-    return meta["step"], Position.from_meta(meta, w.rank)
+        for reason in found.skipped:
+            _say(f"skipping a damaged checkpoint: {reason}")
+        offered_name = Path(offered.path).name if offered is not None else None
+        if offered_name != found.name:
+            _say(f"Ray's latest checkpoint is {offered_name or 'none'}; resuming from {found.name}, the newest "
+                 "complete one")
+        _say(f"resumed from checkpoint at step {step}")
+    return step, Position.from_meta(found.state["meta"], w.rank)
+
+
+def _load_state(w: Worker, engine: Engine, found: Restored) -> None:
+    from mdt_ray.models.checkpoint import CheckpointMismatchError
+
+    state, meta = found.state, found.state["meta"]
+    try:
+        engine.student.load_state_dict(state["student"])
+        engine.load_optimizer(state["optimizer"], meta["param_groups"])
+        if engine.ema is not None and "ema" in state:
+            engine.ema.load_state_dict(state["ema"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointMismatchError(
+            f"checkpoint {found.name} in {w.run_dir.path} does not fit this run's model (model.teacher "
+            f"{w.cfg.model.teacher!r}): {detail[:600]}") from None
+    engine.clipper.load(meta.get("clip_history", []))
 
 
 def _batches(w: Worker, start: Position) -> Batches:
@@ -128,7 +234,56 @@ def _batches(w: Worker, start: Position) -> Batches:
         return w.stage.batches(shard, tc.batch_size, device=w.device, manifest=w.manifest, seed=seed + epoch,
                                shuffle_buffer=data.shuffle_buffer if data.shuffle else 0)
 
-    return Batches(batches_of, batch_size=tc.batch_size, start=start)
+    return Batches(batches_of, batch_size=tc.batch_size, start=start, timeout_s=tc.batch_timeout_s,
+                   describe=lambda: _where_it_waits(w, shard))
+
+
+def _where_it_waits(w: Worker, shard: Any) -> str:
+    """What a stalled worker can tell cheaply: its rank, the cluster's free CPUs, the tasks that
+    wait for resources (Ray's State API, when the dashboard runs), Ray Data's operators so far."""
+    import ray
+
+    free, total = ray.available_resources().get("CPU", 0.0), ray.cluster_resources().get("CPU", 0.0)
+    parts = [f"rank {w.rank} of {w.world}", f"{free:g} of the cluster's {total:g} CPUs are free",
+             f"this run's workers hold {w.world * w.cfg.scale.cpus_per_worker:g} (scale.cpus_per_worker)"]
+    try:
+        from ray.util.state import list_tasks
+
+        waiting = list_tasks(filters=[("state", "=", "PENDING_NODE_ASSIGNMENT")], detail=True, timeout=10,
+                             limit=100, raise_on_missing_output=False)
+    except Exception:  # the State API needs the dashboard; the CPU counts say enough without it
+        waiting = []
+    if waiting:
+        kinds = Counter(f"{t.name} {t.required_resources or {}}" for t in waiting)
+        parts.append("tasks waiting for resources: " + ", ".join(f"{n}× {k}" for k, n in kinds.most_common(5)))
+    parts.append(_data_progress(shard))
+    if free < 1:
+        parts.append("Ray Data's read tasks need a CPU that no one holds: lower scale.cpus_per_worker or "
+                     "scale.num_workers, or give the cluster more CPUs")
+    else:
+        parts.append("CPUs are free, so the wait is in reading (is data.uri's store answering?) or in Ray Data")
+    return "; ".join(p for p in parts if p)
+
+
+def _data_progress(shard: Any, wait_s: float = 10.0) -> str:
+    """Ray Data's operators and what each has done, from the shard's stats. Ray 2.60 asks its
+    split coordinator for them without a timeout, so the question runs on a thread that may be
+    left behind."""
+    answer: dict[str, str] = {}
+
+    def ask() -> None:
+        with contextlib.suppress(Exception):
+            answer["stats"] = shard.stats()
+
+    asking = threading.Thread(target=ask, name="mdt-data-stats", daemon=True)
+    asking.start()
+    asking.join(wait_s)
+    if "stats" not in answer:
+        return f"Ray Data's stats gave no answer within {wait_s:g} s"
+    ops = re.findall(r"^Operator \d+ (.+?): (.*)$", answer["stats"], re.MULTILINE)
+    if not ops:
+        return ""
+    return "Ray Data operators: " + "; ".join(f"{name} {done.strip() or 'nothing done yet'}" for name, done in ops)
 
 
 def _train(w: Worker, engine: Engine, teacher: torch.nn.Module, batches: Batches, start_step: int,
@@ -136,38 +291,74 @@ def _train(w: Worker, engine: Engine, teacher: torch.nn.Module, batches: Batches
     tc = w.cfg.train
     window = _Window(w.device)
     last_eval: dict[str, float] = {}
-    for step in range(start_step, tc.steps):
-        batch = next(batches)
-        if step == fail_at and w.rank == w.world - 1:
-            raise RuntimeError(f"injected failure at step {step} (run.inject_failure_at_step)")
-        measured = engine.forward_backward(batch, step)
-        if not _all_finite(w, engine, measured, step):
-            return
-        window.add(measured, engine.apply(step))
-        done = step + 1
-        if done % tc.log_every == 0 or done % tc.checkpoint_every == 0 or done == tc.steps:
-            last_eval = _report(w, engine, teacher, window, batches.position, done, last_eval)
-            window.reset()
+    try:
+        for step in range(start_step, tc.steps):
+            batch = next(batches)
+            if step == fail_at and w.rank == w.world - 1:
+                raise RuntimeError(f"injected failure at step {step} (run.inject_failure_at_step)")
+            measured = engine.forward_backward(batch, step)
+            if not _all_finite(w, engine, measured, step):
+                return
+            grad_norm = engine.apply(step)
+            done = step + 1
+            saving = done % tc.checkpoint_every == 0 or done == tc.steps
+            if not _weights_finite(w, engine, batch if saving else None, measured, grad_norm, step):
+                return
+            window.add(measured, grad_norm)
+            if done % tc.log_every == 0 or saving:
+                last_eval = _report(w, engine, teacher, window, batches.position, done, last_eval)
+                window.reset()
+    finally:
+        batches.close()
 
 
 def _all_finite(w: Worker, engine: Engine, measured: StepTerms, step: int) -> bool:
     """Whether every rank's loss is finite; all ranks learn it, so all stop at the same step."""
-    import ray.train
-
     flag = _all_reduce(torch.tensor([0.0 if measured.finite else 1.0], device=w.device))
     if float(flag) == 0:
         return True
     engine.discard()
     lo, hi = measured.t_range
-    msg = (f"non-finite loss at step {step} on {int(flag)} rank(s); this rank: "
-           + ", ".join(f"{k}={v:.4g}" for k, v in measured.terms.items())
-           + f", lr={w.cfg.train.lr}, t=[{lo:.3f}, {hi:.3f}]. "
-           "The last good checkpoint is kept; lower train.lr or distill.cfg_* and resume.")
+    _stop(w, step, f"non-finite loss at step {step} on {int(flag)} rank(s); this rank: "
+          + ", ".join(f"{k}={v:.4g}" for k, v in measured.terms.items())
+          + f", lr={w.cfg.train.lr}, t=[{lo:.3f}, {hi:.3f}]. "
+          "The last good checkpoint is kept; lower train.lr or distill.cfg_* and resume.", measured.terms)
+    return False
+
+
+def _weights_finite(w: Worker, engine: Engine, probe: Optional[dict[str, Any]], measured: StepTerms,
+                    grad_norm: float, step: int) -> bool:
+    """Whether every rank's weights are finite after the update of `step` and, when `probe` (the
+    step's batch, given before a checkpoint), rank 0's weights give finite outputs on it."""
+    ok = engine.weights_finite()
+    if probe is not None and w.rank == 0:
+        ok = ok & engine.outputs_finite(probe)
+    # Kept on the device up to the all-reduce: one synchronisation per step, as for the loss.
+    flag = _all_reduce((~ok).float().reshape(1))
+    if float(flag) == 0:
+        return True
+    what = ("weights" if not bool(engine.weights_finite()) else "outputs (on this step's batch)" if not bool(ok)
+            else "weights on another rank")
+    tc = w.cfg.train
+    fixes = ["lower train.lr"] + (["set train.grad_clip"] if tc.grad_clip is None else [])
+    if engine.lr * tc.weight_decay >= 1:
+        fixes.append("lower train.weight_decay (lr × weight_decay ≥ 1 makes the decay grow the weights)")
+    _stop(w, step, f"non-finite {what} after the update at step {step} on {int(flag)} rank(s); this rank: loss "
+          f"before the update {measured.terms.get('loss', float('nan')):.4g}, grad norm {grad_norm:.4g} before "
+          f"clipping (train.grad_clip={tc.grad_clip}), lr={engine.lr:g}. No checkpoint is written from these weights: "
+          f"the last good checkpoint is kept; {', or '.join(fixes)}, and resume.",
+          {**measured.terms, "grad_norm": grad_norm})
+    return False
+
+
+def _stop(w: Worker, step: int, msg: str, terms: dict[str, float]) -> None:
+    """Every rank stops at `step`: rank 0 leaves why in the stop note the driver turns into its error."""
+    import ray.train
+
     if w.rank == 0:
         _say(msg)
-        w.run_dir.write(STOP_NOTE, {"step": step, "message": msg, **measured.terms})
+        w.run_dir.write(STOP_NOTE, {"step": step, "message": msg, **terms})
     ray.train.report({"step": step, "stopped_nonfinite": 1.0})
-    return False
 
 
 def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Window", position: Position, done: int,
@@ -182,36 +373,36 @@ def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Windo
         last_eval = w.stage.quick_eval(engine.averaged_model(), w.eval_split, steps=tc.eval_steps, device=w.device)
     # The latest eval rides along in every report: a sweep's scheduler compares trials on it.
     metrics.update(last_eval)
-    ckpt_dir = None
-    if w.rank == 0:
-        if done % tc.checkpoint_every == 0 or is_last:
-            ckpt_dir = _save(w, engine, teacher, position, metrics, done)
-        _say(_progress_line(done, tc.steps, metrics, window.eta(tc.steps - done), evaluate))
-        if w.logger is not None:
-            w.logger.log_metrics(metrics, step=done)
-    _send(w, metrics, ckpt_dir, done, last_eval)
+    save = w.rank == 0 and (done % tc.checkpoint_every == 0 or is_last)
+    # The scratch copy goes whether the upload succeeds or raises.
+    with scratch_dir() if save else contextlib.nullcontext() as ckpt_dir:
+        if save:
+            _save(w, engine, teacher, position, metrics, done, ckpt_dir)
+        if w.rank == 0:
+            _say(_progress_line(done, tc.steps, metrics, window.eta(tc.steps - done), evaluate))
+            if w.logger is not None:
+                w.logger.log_metrics(metrics, step=done)
+        _send(w, metrics, ckpt_dir, done, last_eval)
     return last_eval
 
 
 def _save(w: Worker, engine: Engine, teacher: torch.nn.Module, position: Position, metrics: dict[str, float],
-          done: int) -> str:
-    """A checkpoint of step `done` in a scratch directory (with the TRELLIS export at the end)."""
-    ckpt_dir = tempfile.mkdtemp(prefix="mdt-ckpt-")
+          done: int, ckpt_dir: Path) -> None:
+    """A checkpoint of step `done` in `ckpt_dir` (with the TRELLIS export at the end, written
+    first so that state.json lists its files too)."""
+    if done == w.cfg.train.steps:
+        # TRELLIS's dtype layout follows the teacher's: fp16 torso when the teacher has one.
+        fp16 = bool(getattr(teacher, "config_args", {}).get("use_fp16", False))
+        export_trellis(engine.averaged_model().cpu(), ckpt_dir / "trellis", f"{w.cfg.run.name}_student", fp16=fp16)
     meta = {"step": done, **position.meta(w.world), "seed": w.cfg.train.seed, "mlflow_run_id": w.mlflow_run_id,
             "clip_history": engine.clipper.state(), "metrics": metrics, "config": w.cfg.model_dump(mode="json"),
             "world_size": w.world}
     save_checkpoint(ckpt_dir, student=engine.student.state_dict(),
                     ema=engine.ema.state_dict() if engine.ema is not None else None,
                     optimizer=engine.optimizer_tensors(), meta=meta)
-    if done == w.cfg.train.steps:
-        # TRELLIS's dtype layout follows the teacher's: fp16 torso when the teacher has one.
-        fp16 = bool(getattr(teacher, "config_args", {}).get("use_fp16", False))
-        export_trellis(engine.averaged_model().cpu(), Path(ckpt_dir) / "trellis", f"{w.cfg.run.name}_student",
-                       fp16=fp16)
-    return ckpt_dir
 
 
-def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[str], done: int,
+def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[Path], done: int,
           last_eval: dict[str, float]) -> None:
     """`ray.train.report` (with rank 0's checkpoint); the final student goes to MLflow once Ray has it."""
     import ray.train
@@ -219,13 +410,25 @@ def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[str], done: i
     if ckpt_dir is None:
         ray.train.report(metrics)
         return
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir),
-                     checkpoint_dir_name=f"checkpoint_{done:08d}")
+    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
+                     checkpoint_dir_name=_checkpoint_name(w, done))
     if done == w.cfg.train.steps and w.logger is not None:
-        w.logger.log_artifacts(Path(ckpt_dir) / "trellis", "student")
+        w.logger.flush()
+        w.logger.log_artifacts(ckpt_dir / "trellis", "student")
         if last_eval:
             w.logger.log_text(json.dumps({"step": done, **last_eval}, indent=1), "eval/final_eval.json")
-    shutil.rmtree(ckpt_dir, ignore_errors=True)  # uploaded; the local copy is scratch
+
+
+def _checkpoint_name(w: Worker, done: int) -> str:
+    """`checkpoint_<done>`, or with a `.<n>` suffix when a folder of that name exists (a damaged
+    one that the resume passed over: see CHECKPOINT_NAME in mdt_ray/train/state.py)."""
+    base = name = f"checkpoint_{done:08d}"
+    again = 0
+    while name in w.taken:
+        again += 1
+        name = f"{base}.{again}"
+    w.taken.add(name)
+    return name
 
 
 class _Window:
@@ -278,9 +481,9 @@ def _progress_line(done: int, steps: int, metrics: dict[str, float], eta: str, e
     return line
 
 
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+        dist.all_reduce(values, op=op)
     return values
 
 

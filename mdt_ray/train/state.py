@@ -4,24 +4,37 @@ A checkpoint directory holds
   student.safetensors    student weights (fp32 master copy, TRELLIS key names)
   ema.safetensors        EMA weights (rank 0's)
   optimizer.safetensors  AdamW moments, keys `<param name>.<state key>`
-  state.json             step, data position, seed, MLflow run id, clipper history, config
+  state.json             step, data position, seed, MLflow run id, clipper history, config, and
+                         `files`: every other file of the directory with its size and sha256
 and, in the final one, `trellis/<name>.{json,safetensors}`: the exported student.
 The random draws of step s on rank r come from a generator seeded by (seed, r, s), so the step
 and seed are the whole RNG state and a resumed run draws exactly what the original would have.
 
+A checkpoint is complete only when every file `state.json` lists is there with its size and
+hash: Ray uploads a checkpoint's files in parallel, so a `state.json` can reach the store before
+the weights beside it, and an interrupted upload leaves it next to truncated files. A resumed
+run takes the newest complete checkpoint of its run directory and names the ones it skipped.
+
 Beside the checkpoints, the run directory holds `mdt_ray_run.json` (the MLflow run and config,
-written by the driver when the run starts) and, after a non-finite loss, `stopped_nonfinite.json`
-(written by rank 0, read and removed by the driver).
+written by the driver when the run starts) and, after a non-finite loss or non-finite weights,
+`stopped_nonfinite.json` (written by rank 0, read and removed by the driver).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import dataclass
+import os
+import re
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 STATE_FILE = "state.json"
@@ -29,6 +42,24 @@ RUN_META = "mdt_ray_run.json"
 # Ray's Result carries the metrics of the latest checkpoint only, and a stopped run must not
 # write a checkpoint, so why it stopped travels to the driver as a file in the run directory.
 STOP_NOTE = "stopped_nonfinite.json"
+# `checkpoint_<step>`, or `checkpoint_<step>.<n>` for a step written again after a resume passed
+# over a damaged folder of that name: Ray 2.60's retention deletes a superseded checkpoint by its
+# path, which would take a new folder of the same name with it.
+CHECKPOINT_NAME = re.compile(r"^checkpoint_(\d+)(?:\.(\d+))?$")
+
+
+class CheckpointDamagedError(ValueError):
+    """A checkpoint directory is incomplete or its files differ from what its state.json lists."""
+
+
+@contextmanager
+def scratch_dir(prefix: str = "mdt-ckpt-") -> Iterator[Path]:
+    """A fresh temporary directory, removed when the block ends however it ends."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -47,12 +78,15 @@ class RunDir:
     def _file(self, name: str) -> str:
         return f"{self.path.rstrip('/')}/{name}"
 
-    def has_files(self) -> bool:
+    def _entries(self) -> list:
         import pyarrow.fs as pafs
 
         if self._fs().get_file_info(self.path).type == pafs.FileType.NotFound:
-            return False
-        return any(True for _ in self._fs().get_file_info(pafs.FileSelector(self.path, recursive=False)))
+            return []
+        return self._fs().get_file_info(pafs.FileSelector(self.path, recursive=False))
+
+    def has_files(self) -> bool:
+        return bool(self._entries())
 
     def read(self, name: str) -> Optional[dict[str, Any]]:
         import pyarrow.fs as pafs
@@ -74,14 +108,80 @@ class RunDir:
             self._fs().delete_file(self._file(name))
         return content
 
+    def checkpoint_names(self) -> list[str]:
+        """The checkpoint directories, newest first (by step, then by rewrite)."""
+        import pyarrow.fs as pafs
+
+        names = [e.base_name for e in self._entries()
+                 if e.type == pafs.FileType.Directory and CHECKPOINT_NAME.match(e.base_name)]
+
+        def newness(name: str) -> tuple[int, int]:
+            step, again = CHECKPOINT_NAME.match(name).groups()
+            return int(step), int(again or 0)
+
+        return sorted(names, key=newness, reverse=True)
+
+    def load_checkpoint(self, name: str, device: str | torch.device = "cpu") -> dict[str, Any]:
+        """`load_checkpoint` of the checkpoint `name`; one on a remote store is copied to a scratch
+        directory first (storage errors propagate: they say nothing about the checkpoint)."""
+        import pyarrow.fs as pafs
+
+        if isinstance(self._fs(), pafs.LocalFileSystem):
+            return load_checkpoint(self._file(name), device)
+        with scratch_dir("mdt-restore-") as local:
+            pafs.copy_files(self._file(name), str(local), source_filesystem=self._fs(),
+                            destination_filesystem=pafs.LocalFileSystem())
+            return load_checkpoint(local, device, label=self._file(name))
+
+
+@dataclass
+class Restored:
+    """The checkpoint a run resumes from, and why each newer one was passed over."""
+
+    name: str
+    state: dict[str, Any]
+    skipped: list[str] = field(default_factory=list)
+
+
+def latest_complete(run_dir: RunDir, device: str | torch.device = "cpu") -> Optional[Restored]:
+    """The newest complete checkpoint of `run_dir`, loaded; None when it has no checkpoint. When
+    it has some but none is complete, resuming would silently start over: that raises."""
+    names = run_dir.checkpoint_names()
+    skipped = []
+    for name in names:
+        try:
+            return Restored(name, run_dir.load_checkpoint(name, device), skipped)
+        except CheckpointDamagedError as e:
+            skipped.append(str(e))
+    if skipped:
+        raise CheckpointDamagedError(
+            f"run directory {run_dir.path} holds {len(names)} checkpoint(s) and none is complete, so the run "
+            f"cannot resume (delete the directory or set run.name to start over): " + "; ".join(skipped))
+    return None
+
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _inventory(d: Path) -> dict[str, dict[str, Any]]:
+    """Every file under `d` but state.json, by POSIX path relative to `d`: size and sha256."""
+    files = sorted(p for p in d.rglob("*") if p.is_file() and p != d / STATE_FILE)
+    return {p.relative_to(d).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+
+
 def save_checkpoint(directory: str | Path, *, student: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
                     optimizer: tuple[dict[str, torch.Tensor], list[dict]], meta: dict[str, Any]) -> None:
-    """`optimizer` is (named state tensors, param groups), as `Engine.optimizer_tensors()` gives."""
+    """`optimizer` is (named state tensors, param groups), as `Engine.optimizer_tensors()` gives.
+    Files already in `directory` (the TRELLIS export) are listed in state.json too."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     save_file(_contiguous(student), str(d / "student.safetensors"))
@@ -89,20 +189,51 @@ def save_checkpoint(directory: str | Path, *, student: dict[str, torch.Tensor], 
         save_file(_contiguous(ema), str(d / "ema.safetensors"))
     opt_tensors, groups = optimizer
     save_file(_contiguous(opt_tensors), str(d / "optimizer.safetensors"))
-    # state.json last: a directory without it is incomplete and never loaded.
-    (d / STATE_FILE).write_text(json.dumps({**meta, "param_groups": groups}, indent=1, default=str))
+    content = json.dumps({**meta, "param_groups": groups, "files": _inventory(d)}, indent=1, default=str)
+    partial = d / f".{STATE_FILE}.partial"
+    partial.write_text(content)
+    os.replace(partial, d / STATE_FILE)
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+def verify_checkpoint(directory: str | Path, *, label: Optional[str] = None) -> dict[str, Any]:
+    """The checkpoint's state.json, once every file it lists is there with its size and sha256;
+    else CheckpointDamagedError naming the file. `label` names the directory in messages."""
     d = Path(directory)
+    where = label or str(d)
     if not (d / STATE_FILE).is_file():
-        raise FileNotFoundError(f"checkpoint {d} has no {STATE_FILE}: incomplete or not an mdt-ray checkpoint")
-    meta = json.loads((d / STATE_FILE).read_text())
-    out = {
-        "meta": meta,
-        "student": load_file(str(d / "student.safetensors"), device=str(device)),
-        "optimizer": load_file(str(d / "optimizer.safetensors"), device=str(device)),
-    }
-    if (d / "ema.safetensors").is_file():
-        out["ema"] = load_file(str(d / "ema.safetensors"), device=str(device))
+        raise CheckpointDamagedError(f"checkpoint {where} has no {STATE_FILE}: incomplete or not an mdt-ray checkpoint")
+    try:
+        meta = json.loads((d / STATE_FILE).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointDamagedError(f"checkpoint {where}: {STATE_FILE} is unreadable ({e})") from None
+    for name, want in (meta.get("files") or {}).items():
+        path = d / name
+        if not path.is_file():
+            raise CheckpointDamagedError(f"checkpoint {where}: {name} is missing ({STATE_FILE} lists it)")
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointDamagedError(f"checkpoint {where}: {name} has {size} bytes, {STATE_FILE} lists "
+                                         f"{want['bytes']} (cut short or overwritten)")
+        if _sha256(path) != want["sha256"]:
+            raise CheckpointDamagedError(f"checkpoint {where}: {name} does not match the sha256 {STATE_FILE} "
+                                         "lists (damaged)")
+    return meta
+
+
+def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu", *,
+                    label: Optional[str] = None) -> dict[str, Any]:
+    """Verify (see `verify_checkpoint`) and load a checkpoint directory. Checkpoints written
+    before state.json listed its files are loaded unverified; a file that does not load is
+    reported as damage all the same."""
+    d = Path(directory)
+    meta = verify_checkpoint(d, label=label)
+    out: dict[str, Any] = {"meta": meta}
+    names = {"student": "student.safetensors", "optimizer": "optimizer.safetensors", "ema": "ema.safetensors"}
+    for key, name in names.items():
+        if key == "ema" and not (d / name).is_file():
+            continue
+        try:
+            out[key] = load_file(str(d / name), device=str(device))
+        except (SafetensorError, OSError) as e:
+            raise CheckpointDamagedError(f"checkpoint {label or d}: {name} does not load ({e})") from None
     return out

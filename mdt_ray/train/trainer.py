@@ -55,7 +55,7 @@ def build_trainer(cfg: Config, manifest, *, mlflow_run_id: Optional[str] = None,
 
     from mdt_ray.data.pipeline import make_dataset
     from mdt_ray.data.storage import StorageTarget
-    from mdt_ray.train.loop import train_loop_per_worker
+    from mdt_ray.train.loop import StopOnDeterministicError, train_loop_per_worker
 
     s = cfg.scale
     resources = {"CPU": s.cpus_per_worker}
@@ -70,7 +70,8 @@ def build_trainer(cfg: Config, manifest, *, mlflow_run_id: Optional[str] = None,
         storage_filesystem=storage_fs,
         failure_config=ray.train.FailureConfig(max_failures=cfg.run.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
-        callbacks=callbacks,
+        # A config, corpus or checkpoint error fails the same way on every restart: not retried.
+        callbacks=[*(callbacks or []), StopOnDeterministicError()],
     )
     # Rows travel as stored (float16 lists) and each worker validates and decodes its own
     # batches: one Ray Data stage and one float32 trip through the object store fewer than
