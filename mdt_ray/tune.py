@@ -33,7 +33,6 @@ import json
 import math
 import os
 import re
-import socket
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -280,7 +279,6 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
     from mdt_ray.train.trainer import ensure_ray
 
     check_inputs(cfg, spec)
-    start_local_ray()
     ensure_ray()
     concurrency = fit_concurrency(cfg, spec, cluster_capacity())
     uri = Tracking.of(cfg).uri
@@ -308,36 +306,6 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
         _log_to_parent(uri, parent, spec, trials, best, table)
         tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
     return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
-
-
-def start_local_ray() -> None:
-    """Start the local Ray cluster of a sweep (when there is no cluster to join) with its address
-    known to every process in it.
-
-    Ray 2.60's Train V2 frees the worker placement group of a run whose controller died (the trial
-    of a run Tune stopped early) from a detached PlacementGroupCleaner actor, which finds its
-    cluster through RAY_ADDRESS, else by looking for Ray processes on the machine, and fails when
-    it sees more than one Ray instance there. The stopped trial's worker CPUs then stay reserved,
-    and the next trial's Ray Data has no CPU to read with. So the GCS port is chosen here and every
-    worker gets the address (RAY_GCS_SERVER_PORT is what Ray's node start reads for a new head).
-    """
-    import ray
-
-    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
-        return
-    with socket.socket() as probe:
-        probe.bind(("", 0))
-        port = probe.getsockname()[1]
-    address = f"{ray.util.get_node_ip_address()}:{port}"
-    before = os.environ.get("RAY_GCS_SERVER_PORT")
-    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-    try:
-        ray.init(log_to_driver=True, runtime_env={"env_vars": {"RAY_ADDRESS": address}})
-    finally:
-        if before is None:
-            os.environ.pop("RAY_GCS_SERVER_PORT", None)
-        else:
-            os.environ["RAY_GCS_SERVER_PORT"] = before
 
 
 def check_inputs(cfg: Config, spec: SweepSpec) -> None:

@@ -105,7 +105,7 @@ def test_demo_config_runs_as_shipped(corpora, job_env, tmp_path):
 # certain (metric: the learning rate itself, best first): ASHA stops the second trial at its first
 # rung, and the third must still find the CPUs the stopped one held. With another Ray instance on
 # the machine (the test session's), Ray 2.60 kept a stopped trial's workers reserved unless its
-# cluster's processes know the cluster's address (mdt_ray.tune.start_local_ray), and the third
+# cluster's processes know the cluster's address (mdt_ray.train.trainer.ensure_ray), and the third
 # trial waited at 0 rows forever.
 STOP_THEN_NEXT = ["sweep.metric=lr", "sweep.mode=max", 'sweep.space={"train.lr": {"grid": [3.0e-4, 1.0e-7, 1.0e-6]}}',
                   "data.eval_uri=null"]

@@ -4,8 +4,6 @@ guards, a deterministic worker error ending the run without a retry, the batch w
 and the demo config end to end."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.fs as pafs
@@ -211,20 +209,6 @@ def test_a_worker_that_waits_too_long_for_a_batch_says_where(ray_local, local_co
                                        r"\(train.batch_timeout_s\).*the first batch of epoch 0.*rank 0 of 1; "
                                        r"[\d.]+ of the cluster's [\d.]+ CPUs are free"):
         distill(cfg)
-
-
-def test_demo_config_end_to_end_through_the_job_script(local_corpus, tmp_path):
-    """`jobs/distill.py --config jobs/configs/demo.yaml` as a user runs it (its own local Ray)."""
-    env_sets = [f"data.uri={local_corpus}/train", f"data.eval_uri={local_corpus}/eval", "train.steps=4",
-                "train.checkpoint_every=2", "train.eval_assets=8", f"run.storage_path={tmp_path}/runs",
-                f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"]
-    cmd = [sys.executable, str(REPO / "jobs/distill.py"), "--config", str(REPO / "jobs/configs/demo.yaml")]
-    for s in env_sets:
-        cmd += ["--set", s]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[mdt-ray] step 4/4" in proc.stdout + proc.stderr
-    assert (tmp_path / "runs" / "mdt-demo" / "checkpoint_00000004" / "trellis" / "mdt-demo_student.safetensors").is_file()
 
 
 def test_tiny_stage2_distillation_through_ray_train(ray_local, local_corpus, tmp_path):

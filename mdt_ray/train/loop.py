@@ -368,7 +368,8 @@ def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Windo
     is_last = done == tc.steps
     metrics = window.metrics(w.world, tc.batch_size)
     metrics.update(step=done, lr=engine.lr, epoch=position.epoch)
-    evaluate = w.eval_split is not None and (is_last or not last_eval or (tc.eval_every and done % tc.eval_every == 0))
+    # eval_every 0 means only at the end, as documented (sweep trials set it to log_every).
+    evaluate = w.eval_split is not None and (is_last or (tc.eval_every > 0 and done % tc.eval_every == 0))
     if evaluate:
         last_eval = w.stage.quick_eval(engine.averaged_model(), w.eval_split, steps=tc.eval_steps, device=w.device)
     # The latest eval rides along in every report: a sweep's scheduler compares trials on it.

@@ -16,7 +16,18 @@ from mdt_ray.train.state import RunDir
 
 
 def ensure_ray(num_cpus: Optional[int] = None) -> None:
-    """Join the cluster in RAY_ADDRESS (`ray job submit` sets it) or start a local one."""
+    """Join the cluster in RAY_ADDRESS (`ray job submit` sets it) or start a local one whose
+    address every process in it knows.
+
+    Ray 2.60's Train V2 frees the worker placement group of a run whose controller died (a sweep
+    trial Tune stopped early) from a detached PlacementGroupCleaner actor, which finds its cluster
+    through RAY_ADDRESS, else by looking for Ray processes on the machine, and fails when it sees
+    more than one Ray instance there. The stopped run's worker CPUs then stay reserved, and the
+    next run's Ray Data has no CPU to read with. So the GCS port of a local cluster is chosen here
+    and every worker gets the address (RAY_GCS_SERVER_PORT is what Ray's head start reads).
+    """
+    import socket
+
     import ray
 
     if ray.is_initialized():
@@ -24,8 +35,20 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-    else:
-        ray.init(num_cpus=num_cpus, log_to_driver=True)
+        return
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        port = probe.getsockname()[1]
+    before = os.environ.get("RAY_GCS_SERVER_PORT")
+    os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+    try:
+        ray.init(num_cpus=num_cpus, log_to_driver=True,
+                 runtime_env={"env_vars": {"RAY_ADDRESS": f"{ray.util.get_node_ip_address()}:{port}"}})
+    finally:
+        if before is None:
+            os.environ.pop("RAY_GCS_SERVER_PORT", None)
+        else:
+            os.environ["RAY_GCS_SERVER_PORT"] = before
 
 
 def storage_target(cfg: Config) -> tuple[str, Any]:
