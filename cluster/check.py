@@ -90,6 +90,10 @@ class Cluster:
 # Small readers
 
 
+# The resource that marks where sweep trial drivers run (SweepSpec.driver_resource's default).
+DRIVER_RESOURCE = "mdt_trial_driver"
+
+
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(Path(path).read_text())
 
@@ -255,6 +259,9 @@ def launcher_problems(cluster: dict[str, Any], pin: Optional[str] = None) -> lis
     head = node_types[prepared["head_node_type"]]
     if head.get("resources", {}).get("CPU") != 0 or head.get("resources", {}).get("GPU", 0):
         problems.append("head node type must declare resources {CPU: 0} so no task or actor lands there")
+    if not head.get("resources", {}).get(DRIVER_RESOURCE):
+        problems.append(f"head node type must declare resources {{{DRIVER_RESOURCE}: N}}: sweep trial drivers "
+                        "run where that resource is, and elsewhere they land on preemptible GPU nodes")
 
     for name, node_type in node_types.items():
         resources = node_type.get("resources", {})
@@ -380,6 +387,9 @@ def kuberay_problems(cluster_spec: dict[str, Any], pin: Optional[str] = None) ->
                 problems.append(f"{where}.rayStartParams.{key} must be a string, got {value!r}")
     if head.get("rayStartParams", {}).get("num-cpus") != "0":
         problems.append('headGroupSpec.rayStartParams must set num-cpus: "0" (no training on the head)')
+    if DRIVER_RESOURCE not in str(head.get("rayStartParams", {}).get("resources", "")):
+        problems.append(f"headGroupSpec.rayStartParams.resources must give {DRIVER_RESOURCE}: sweep trial drivers "
+                        "run where that resource is, and elsewhere they land on preemptible GPU pods")
 
     images = [c.get("image") for c in _containers(head.get("template", {}).get("spec", {}))]
     for group in groups:

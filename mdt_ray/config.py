@@ -120,6 +120,10 @@ class DataConfig(_Block):
     shuffle: bool = True
     # Rows buffered for local shuffling on top of file-level shuffling; 0 disables it.
     shuffle_buffer: int = Field(256, ge=0)
+    # The same batches in the same order on every run of a config (and on a resume) for a given
+    # train.seed and scale.num_workers: Ray Data's order-preserving execution. False lets Ray
+    # Data hand blocks to workers as read tasks finish (docs/reliability.md has the cost).
+    deterministic: bool = True
     storage_endpoint: Optional[str] = None  # S3-compatible endpoint; AWS_ENDPOINT_URL otherwise
     storage_region: Optional[str] = None
 

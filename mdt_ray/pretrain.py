@@ -166,8 +166,16 @@ def pretrain(cfg: Config, out_dir: str, name: str, *, eval_steps: int = 25, snap
     from mdt_ray.models import export_trellis
     from mdt_ray.stages import get_stage
 
+    from mdt_ray.data.schema import read_manifest
+    from mdt_ray.data.storage import StorageTarget
+    from mdt_ray.train.launch import naming
+
     tc, stage = cfg.train, get_stage(cfg.model.stage)
-    split = _load_training_data(cfg, stage, limit, log)
+    if cfg.data.eval_uri:  # read at the end, checked now: a typo must not cost the whole training
+        with naming("data.eval_uri"):
+            read_manifest(StorageTarget.from_data_config(cfg.data, cfg.data.eval_uri))
+    with naming("data.uri"):
+        split = _load_training_data(cfg, stage, limit, log)
     torch.manual_seed(tc.seed)
     model = _fresh_model(cfg, stage, split.manifest).train()
     engine = Engine(model, None, stage=stage, distill=cfg.distill, train=tc, keep_ema=True,
@@ -238,7 +246,10 @@ def _eval_teacher(model: torch.nn.Module, stage, cfg: Config, steps: int, log) -
     guidance (to show what the guidance adds)."""
     from mdt_ray.data.storage import StorageTarget
 
-    held = stage.load(StorageTarget.from_data_config(cfg.data, cfg.data.eval_uri), limit=cfg.train.eval_assets)
+    from mdt_ray.train.launch import naming
+
+    with naming("data.eval_uri"):
+        held = stage.load(StorageTarget.from_data_config(cfg.data, cfg.data.eval_uri), limit=cfg.train.eval_assets)
     noise = stage.noise(held, cfg.train.seed)
     result: dict[str, Any] = {"assets": len(held)}
     for label, strength in (("guided", stage.teacher_sampler["cfg_strength"]), ("unguided", 0.0)):

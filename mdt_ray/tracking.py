@@ -104,12 +104,22 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any],
 
 
 def reopen_run(uri: str, run_id: str) -> None:
+    """Mark a resumed run RUNNING again; why it stopped last time no longer describes it."""
     client = _client(uri)
     client.update_run(run_id, status="RUNNING")
+    if "mdt_ray.end_reason" in client.get_run(run_id).data.tags:
+        client.delete_tag(run_id, "mdt_ray.end_reason")
 
 
-def end_run(uri: str, run_id: str, status: str = "FINISHED") -> None:
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    _client(uri).set_tag(run_id, key, value[:5000])
+
+
+def end_run(uri: str, run_id: str, status: str = "FINISHED", reason: Optional[str] = None) -> None:
+    """Close the run with `status`; `reason` (why it did not finish) goes in the `mdt_ray.end_reason` tag."""
     client = _client(uri)
+    if reason:
+        client.set_tag(run_id, "mdt_ray.end_reason", reason[:5000])
     client.set_terminated(run_id, status=status)
 
 

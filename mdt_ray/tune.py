@@ -18,6 +18,8 @@ Sweep file (jobs/configs/sweep.yaml):
       search: grid                 # grid | random | optuna
       num_samples: 1               # grid: repeats of the grid; random/optuna: trials
       max_concurrent_trials: auto  # or a number
+      max_failures: 1              # Tune's retries of a trial (it resumes from its checkpoint)
+      driver_resource: mdt_trial_driver   # where the cluster has it, trial drivers run there
       scheduler: {type: asha, grace_period: 20, reduction_factor: 2}
       space:
         distill.lambda_vd: {grid: [0.5, 1.0]}
@@ -30,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import math
 import os
 import re
@@ -39,6 +42,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mdt_ray.config import Config, ConfigError, _format_errors, apply_overrides, from_dict, read_yaml
+
+log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------
 # Sweep configuration
@@ -92,6 +97,13 @@ class SweepSpec(_Block):
     search: Literal["grid", "random", "optuna"] = "grid"
     num_samples: int = Field(1, gt=0)
     max_concurrent_trials: Union[int, Literal["auto"]] = "auto"
+    # Tune retries a trial whose driver or workers died (a preempted node) this many times; the
+    # retry resumes the trial's run from its latest checkpoint.
+    max_failures: int = Field(1, ge=0)
+    # A custom resource that marks the nodes trial drivers may run on (the shipped cluster files
+    # give it to the head, which is never preempted). Where the cluster has it, each driver takes
+    # one unit and no CPU; where it has none (a local cluster), a driver takes 0.01 CPU anywhere.
+    driver_resource: Optional[str] = "mdt_trial_driver"
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     space: dict[str, Domain]
     seed: int = 0
@@ -185,19 +197,36 @@ def trial_count(spec: SweepSpec) -> int:
     return grid * spec.num_samples
 
 
-def fit_concurrency(cfg: Config, spec: SweepSpec, cluster: dict[str, float]) -> int:
-    """Trials at once on a cluster of `cluster` resources: sweep.max_concurrent_trials, or (auto)
-    as many as fit, each with its workers, its driver and one CPU for its Ray Data read tasks
-    (mdt_ray/train/resources.py). Raises RunError, naming the numbers, when that many do not fit."""
-    from mdt_ray.train.launch import RunError
-    from mdt_ray.train.resources import TRIAL_DRIVER_CPUS, fitting_runs, plan_of
+def driver_resources(spec: SweepSpec, cluster: dict[str, float]) -> dict[str, float]:
+    """What each trial's driver asks of the cluster: one unit of sweep.driver_resource where the
+    cluster has that resource (and no CPU), else a sliver of CPU anywhere (Ray 2.60 rejects a
+    trainable that asks for nothing at all)."""
+    from mdt_ray.train.resources import TRIAL_DRIVER_CPUS
 
+    if spec.driver_resource and cluster.get(spec.driver_resource, 0) >= 1:
+        return {"CPU": 0.0, spec.driver_resource: 1.0}
+    return {"CPU": TRIAL_DRIVER_CPUS}
+
+
+def fit_concurrency(cfg: Config, spec: SweepSpec, cluster: dict[str, float]) -> int:
+    """Trials at once on a cluster of `cluster` resources (the most it may grow to, where its
+    autoscaler says: train/resources.py `cluster_capacity`): sweep.max_concurrent_trials, or
+    (auto) as many as fit, each with its workers, its driver and one CPU for its Ray Data read
+    tasks, and no more than there are driver slots. Raises RunError, naming the numbers, when
+    that many do not fit."""
+    from mdt_ray.train.launch import RunError
+    from mdt_ray.train.resources import fitting_runs, plan_of
+
+    driver = driver_resources(spec, cluster)
+    driver_cpus = driver["CPU"]
     if spec.max_concurrent_trials == "auto":
-        wanted = max(1, fitting_runs(cfg.scale, cluster, driver_cpus=TRIAL_DRIVER_CPUS))
+        wanted = max(1, fitting_runs(cfg.scale, cluster, driver_cpus=driver_cpus))
+        if len(driver) > 1:
+            wanted = min(wanted, int(cluster[spec.driver_resource]))
     else:
         wanted = int(spec.max_concurrent_trials)
     runs = min(wanted, trial_count(spec))
-    problem = plan_of(cfg.scale, cluster, runs=runs, driver_cpus=TRIAL_DRIVER_CPUS).problem(sweep=True)
+    problem = plan_of(cfg.scale, cluster, runs=runs, driver_cpus=driver_cpus).problem(sweep=True)
     if problem:
         raise RunError(f"sweep {spec.name!r} cannot start: {problem}")
     return runs
@@ -205,14 +234,15 @@ def fit_concurrency(cfg: Config, spec: SweepSpec, cluster: dict[str, float]) -> 
 
 def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optional[str],
            tracking_uri: Optional[str], experiment: str, sweep_name: str, storage_path: str,
-           resume: bool = False) -> None:
+           driver_cpus: float) -> None:
     """One trial: a distillation run launched as `distill` launches one, under the sweep's MLflow
     parent run, reported to Tune through TuneReportCallback."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    import ray
+
     from mdt_ray.train.launch import Tracking, launch
-    from mdt_ray.train.resources import TRIAL_DRIVER_CPUS
 
     context = tune.get_context()
     name, trial_id = context.get_trial_name(), context.get_trial_id()
@@ -222,8 +252,11 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
     # here, raising or returning, after tuner.fit() has returned, so a status written from here
     # would race the driver's (CI saw a stopped trial's late FAILED overwrite its KILLED).
     tracking = Tracking(tracking_uri, experiment, parent_run_id=parent_run_id, params={"trial": name},
-                        tags={"mdt_ray.sweep": sweep_name, "mdt_ray.trial_id": trial_id}, close=False)
-    launch(cfg, resume=resume, tracking=tracking, callbacks=[TuneReportCallback()], driver_cpus=TRIAL_DRIVER_CPUS)
+                        tags={"mdt_ray.sweep": sweep_name, "mdt_ray.trial_id": trial_id,
+                              "mdt_ray.driver_node": ray.get_runtime_context().get_node_id()}, close=False)
+    # Always resumable: a trial Tune retries (sweep.max_failures) finds its own run directory
+    # and continues it from its latest checkpoint; a new trial has none and starts fresh.
+    launch(cfg, resume=True, tracking=tracking, callbacks=[TuneReportCallback()], driver_cpus=driver_cpus)
 
 
 def trial_config(tree: dict[str, Any], params: dict[str, Any], name: str, storage_path: str) -> Config:
@@ -280,32 +313,53 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
 
     check_inputs(cfg, spec)
     ensure_ray()
-    concurrency = fit_concurrency(cfg, spec, cluster_capacity())
+    cluster = cluster_capacity(extra=[spec.driver_resource] if spec.driver_resource else [])
+    concurrency = fit_concurrency(cfg, spec, cluster)
     uri = Tracking.of(cfg).uri
     parent = _start_parent(uri, cfg, spec) if uri else None
     try:
-        results = _tuner(cfg, spec, tree, uri, parent, resume, concurrency).fit()
-    except Exception:
-        if parent:  # a sweep that could not finish must not leave its runs RUNNING
+        results = _tuner(cfg, spec, tree, uri, parent, resume, concurrency, driver_resources(spec, cluster)).fit()
+    except BaseException as exc:
+        if parent:  # a sweep that could not finish (or was interrupted) must not leave its runs RUNNING
+            from mdt_ray.train.launch import end_status
+
             with contextlib.suppress(Exception):
                 _close_children(uri, parent, [])
-                tracking.end_run(uri, parent, "FAILED")
+                tracking.end_run(uri, parent, *end_status(exc))
         raise
     trials = [_outcome(r, spec, cfg.train.steps) for r in results]
     ok = [t for t in trials if t["metric"] is not None and t["status"] != "ERROR"]
-    best = (min if spec.mode == "min" else max)(ok, key=lambda t: t["metric"]) if ok else None
+    best = _best(results, spec, trials) if ok else None
     table = format_table(trials, spec)
     print(table, flush=True)
     for t in trials:
         if t["error"]:
-            print(f"[mdt-ray] trial {t['trial']} failed: {t['error']}", flush=True)
+            log.warning("trial %s failed: %s", t["trial"], t["error"])
     if best:
-        print(f"[mdt-ray] best trial {best['trial']}: {spec.metric}={best['metric']:.4g} params {best['params']}\n"
-              f"[mdt-ray] best checkpoint: {best['checkpoint']}", flush=True)
+        log.info("best trial %s: %s=%.4g params %s", best["trial"], spec.metric, best["metric"], best["params"])
+        log.info("best checkpoint: %s", best["checkpoint"])
     if parent:
-        _log_to_parent(uri, parent, spec, trials, best, table)
+        _log_to_parent(uri, parent, spec, trials, best, table, results.get_dataframe())
         tracking.end_run(uri, parent, "FINISHED" if ok else "FAILED")
     return {"best": best, "trials": trials, "parent_run_id": parent, "table": table}
+
+
+def _best(results, spec: SweepSpec, trials: list[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The row of the best trial, as ResultGrid.get_best_result picks it from the last result of
+    every trial that did not fail (NaN and inf left out)."""
+    ok = {t["trial"] for t in trials if t["status"] != "ERROR"}
+    try:
+        result = results.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
+    except RuntimeError:  # no trial reported a finite value of the metric
+        return None
+    trial = _trial_id(result)
+    if trial not in ok:  # the best last result came from a trial that then failed
+        candidates = [t for t in trials if t["trial"] in ok and t["metric"] is not None and math.isfinite(t["metric"])]
+        if not candidates:
+            return None
+        pick = min if spec.mode == "min" else max
+        return pick(candidates, key=lambda t: t["metric"])
+    return next(t for t in trials if t["trial"] == trial)
 
 
 def check_inputs(cfg: Config, spec: SweepSpec) -> None:
@@ -335,12 +389,12 @@ def _start_parent(uri: str, cfg: Config, spec: SweepSpec) -> str:
 
 
 def _tuner(cfg: Config, spec: SweepSpec, tree: dict[str, Any], uri: Optional[str], parent: Optional[str],
-           resume: bool, concurrency: int):
-    """The Tuner of the sweep (restored from its experiment folder when resuming one)."""
+           resume: bool, concurrency: int, driver: dict[str, float]):
+    """The Tuner of the sweep (restored from its experiment folder when resuming one); each
+    trial's driver asks for `driver` (driver_resources)."""
     from ray import tune
 
     from mdt_ray.data.storage import StorageTarget
-    from mdt_ray.train.resources import TRIAL_DRIVER_CPUS
 
     sweep_store = StorageTarget.from_data_config(cfg.data, spec.storage_path)
     if sweep_store.is_s3:
@@ -349,19 +403,21 @@ def _tuner(cfg: Config, spec: SweepSpec, tree: dict[str, Any], uri: Optional[str
         storage_fs, storage_path = None, str(Path(spec.storage_path).expanduser().resolve())
     trainable = tune.with_parameters(
         _trial, tree=tree, parent_run_id=parent, tracking_uri=uri, experiment=cfg.tracking.experiment,
-        sweep_name=spec.name, storage_path=spec.storage_path if sweep_store.is_s3 else storage_path, resume=resume,
+        sweep_name=spec.name, storage_path=spec.storage_path if sweep_store.is_s3 else storage_path,
+        driver_cpus=driver["CPU"],
     )
     # The trial function only drives a TorchTrainer; its workers hold the real resources.
-    trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS})
+    trainable = tune.with_resources(trainable, driver)
     exp_path = f"{storage_path.rstrip('/')}/{spec.name}"
-    print(f"[mdt-ray] sweep {spec.name}: {spec.search} search over {sorted(spec.space)}, "
-          f"metric {spec.metric} ({spec.mode}), {concurrency} trial(s) at a time -> {exp_path}", flush=True)
+    log.info("sweep %s: %s search over %s, metric %s (%s), %d trial(s) at a time -> %s", spec.name, spec.search,
+             sorted(spec.space), spec.metric, spec.mode, concurrency, exp_path)
     if resume and tune.Tuner.can_restore(exp_path, storage_filesystem=storage_fs):
         return tune.Tuner.restore(exp_path, trainable, resume_errored=True, storage_filesystem=storage_fs)
     tune_config = tune.TuneConfig(metric=spec.metric, mode=spec.mode, scheduler=_scheduler(cfg, spec),
                                   search_alg=_search_alg(spec), num_samples=spec.num_samples,
                                   max_concurrent_trials=concurrency)
-    run_config = tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs)
+    run_config = tune.RunConfig(name=spec.name, storage_path=storage_path, storage_filesystem=storage_fs,
+                                failure_config=tune.FailureConfig(max_failures=spec.max_failures))
     return tune.Tuner(trainable, param_space=_tune_space(spec), tune_config=tune_config, run_config=run_config)
 
 
@@ -403,8 +459,9 @@ def _outcome(result, spec: SweepSpec, steps: int) -> dict[str, Any]:
 
 
 def _log_to_parent(uri: str, parent: str, spec: SweepSpec, trials: list[dict[str, Any]], best: Optional[dict],
-                   table: str) -> None:
-    """The trial table and the best trial on the parent run; every child run closed."""
+                   table: str, frame=None) -> None:
+    """The trial table (and Tune's own, ResultGrid.get_dataframe, as trials.csv) and the best
+    trial on the parent run; every child run closed."""
     from mlflow.tracking import MlflowClient
 
     from mdt_ray import tracking
@@ -412,6 +469,8 @@ def _log_to_parent(uri: str, parent: str, spec: SweepSpec, trials: list[dict[str
     logger = tracking.RunLogger(uri, parent)
     logger.log_text(table, "trials.txt")
     logger.log_text(json.dumps(trials, indent=1, default=str), "trials.json")
+    if frame is not None and len(frame):
+        logger.log_text(frame.to_csv(index=False), "trials.csv")
     if best:
         logger.log_metrics({f"best_{spec.metric}": best["metric"]}, step=0)
         logger.log_text(json.dumps(best, indent=1, default=str), "best_trial.json")

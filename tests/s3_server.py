@@ -15,16 +15,19 @@ import os
 import uuid
 from typing import Optional
 
-TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
+# A secret no other string in a log, record or file would contain by chance, so that
+# tests/faults/test_security.py can look for it everywhere a run writes.
+TEST_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "mdt-test-key-id", "AWS_SECRET_ACCESS_KEY": "mdt-test-secret-6c1f0e9b27"}
 REGION = "us-east-1"
 
 
 class LocalS3:
     """A moto server on a free loopback port; stop() (or leaving the `with` block) ends it."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.endpoint: Optional[str] = None
         self._server = None
+        self._port = port  # 0: a free port; a given one restarts a stopped server where it was
 
     def start(self) -> "LocalS3":
         from moto.server import ThreadedMotoServer
@@ -32,7 +35,8 @@ class LocalS3:
         # werkzeug would print a line to stderr for every request; its errors still come through.
         logging.getLogger("werkzeug").setLevel(logging.WARNING)
         # Port 0: the kernel picks a free port when the server binds, so two runs never collide.
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        # The buckets live in this process's moto backend, so a server restarted here has them.
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=self._port, verbose=False)
         server.start()  # returns once the socket is bound and listening
         host, port = server.get_host_and_port()
         self._server, self.endpoint = server, f"http://{host}:{port}"

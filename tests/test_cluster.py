@@ -113,7 +113,11 @@ def test_ray_schema_rejects_broken_launcher_configs(launcher, breakage):
 def test_launcher_layout(launcher):
     types = launcher["available_node_types"]
     head = types[launcher["head_node_type"]]
-    assert head["resources"] == {"CPU": 0}
+    # No CPU on the head; slots for sweep trial drivers, which must not land on spot GPU nodes.
+    assert head["resources"] == {"CPU": 0, "mdt_trial_driver": 64}
+    without = copy.deepcopy(launcher)
+    without["available_node_types"][launcher["head_node_type"]]["resources"].pop("mdt_trial_driver")
+    assert any("mdt_trial_driver" in p for p in check.launcher_problems(without))
     gpu_types = {n: t for n, t in types.items() if t["resources"].get("GPU")}
     assert gpu_types and all(t["resources"]["GPU"] == 8 for t in gpu_types.values())
     assert all(t["min_workers"] == 0 < t["max_workers"] for n, t in gpu_types.items()
@@ -178,6 +182,7 @@ def test_kuberay_manifests_parse(raycluster, rayjob, pin):
 def test_kuberay_problems_are_reported(raycluster):
     spec = copy.deepcopy(raycluster["spec"])
     spec["headGroupSpec"]["rayStartParams"].pop("num-cpus")
+    spec["headGroupSpec"]["rayStartParams"].pop("resources")
     gpu = _gpu_group(spec)
     gpu["template"]["spec"]["nodeSelector"][check.GPU_PRODUCT_LABEL] = "NVIDIA-H100-80GB-HBM3"
     gpu["rayStartParams"]["num-gpus"] = 8  # an int: the CRD only takes strings
@@ -187,6 +192,7 @@ def test_kuberay_problems_are_reported(raycluster):
     assert any("Ray detects H100" in p and "accelerator_type:A800" in p for p in problems)
     assert any("num-gpus must be a string" in p for p in problems)
     assert any("rayVersion" in p for p in problems)
+    assert any("mdt_trial_driver" in p and "preemptible" in p for p in problems)
 
 
 def test_rayjob(rayjob, raycluster):

@@ -73,8 +73,9 @@ def test_eval_end_to_end_writes_json_png_and_mlflow(tiny, tmp_path):
 
     client = MlflowClient(f"sqlite:///{root}/mlflow.db")
     run = client.get_run(result["mlflow_run_id"])
-    assert run.data.metrics["eval_fd_1step"] == pytest.approx(result["steps"]["1"]["fd"])
-    assert run.data.metrics["eval_teacher_speedup"] == pytest.approx(1.0)
+    # Named with the held-out count: the in-training eval's eval_fd_1step is of train.eval_assets.
+    assert run.data.metrics["eval_fd_1step_16assets"] == pytest.approx(result["steps"]["1"]["fd"])
+    assert run.data.metrics["eval_teacher_speedup_16assets"] == pytest.approx(1.0)
     assert {a.path for a in client.list_artifacts(run.info.run_id, "eval")} >= {
         "eval/eval.json", "eval/renders.png", "eval/table.txt"}
 

@@ -107,3 +107,24 @@ def test_job_submit_without_a_token_is_refused(head):
     proc = subprocess.run([str(BIN / "ray"), "job", "list", "--address", address], env=no_token,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
+    # The job API itself, asked without the token, and with it (what the README's head serves).
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=30)
+    assert refused.value.code == 401
+    token = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{address}/api/jobs/", headers={"Authorization": f"Bearer {token}"})
+    assert urllib.request.urlopen(request, timeout=30).status == 200
+
+
+def test_the_dashboard_listens_on_loopback_only(head):
+    """--dashboard-host=127.0.0.1, as the README starts the head: another interface of this
+    machine does not reach the job API."""
+    address, _ = head
+    port = int(address.rsplit(":", 1)[1])
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outward interface
+        outward = s.getsockname()[0]
+    if outward.startswith("127."):
+        pytest.skip("this machine has no interface besides loopback")
+    with pytest.raises(OSError):
+        socket.create_connection((outward, port), timeout=5).close()

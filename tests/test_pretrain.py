@@ -113,3 +113,18 @@ def test_pretrain_slat_teacher_command(corpus, tmp_path, capsys):
     assert isinstance(load_trellis(tmp_path / "s.json"), SLatFlowModel)
     assert cli_main(["pretrain-teacher", "--out", str(tmp_path), *common, "--set", "distill.method=mdt"]) == 2
     assert "mdt-ray pretrain-teacher: error: distill.method" in capsys.readouterr().err
+
+
+def test_corpus_errors_name_the_config_key_before_training(corpus, tmp_path, capsys):
+    common = ["--out", str(tmp_path), "--set", "train.steps=2", "--set", "train.batch_size=2",
+              "--set", "tracking.enabled=false", "--threads", "1"]
+    assert cli_main(["pretrain-teacher", *common, "--set", f"data.uri={tmp_path}/nowhere",
+                     "--set", "data.eval_uri=null"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mdt-ray pretrain-teacher: error: data.uri: no corpus at"), err
+    # A missing held-out corpus is found before the first step, not after the training.
+    assert cli_main(["pretrain-teacher", *common, "--set", f"data.uri={corpus}",
+                     "--set", f"data.eval_uri={tmp_path}/no-eval"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("mdt-ray pretrain-teacher: error: data.eval_uri: no corpus at"), err
+    assert not any("[pretrain] 2 steps" in line for line in err)

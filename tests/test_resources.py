@@ -160,3 +160,17 @@ def test_an_oversubscribed_sweep_is_refused_before_its_parent_run(ray_local, cor
     assert "sweep 'greedy' cannot start: the Ray cluster has 4 CPUs" in str(e.value)
     assert "3 trials at a time" in str(e.value) and "sweep.max_concurrent_trials" in str(e.value)
     assert not (tmp_path / "sweeps").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def test_trial_drivers_go_where_the_driver_resource_is_and_count_as_slots(tmp_path):
+    from mdt_ray.tune import driver_resources
+
+    cfg, spec, _ = _sweep(tmp_path, {"max_concurrent_trials": "auto"}, **{"scale.cpus_per_worker": 0.5})
+    # A local cluster has no driver slots: a sliver of CPU anywhere, counted in the plan.
+    assert driver_resources(spec, {"CPU": 2.0}) == {"CPU": TRIAL_DRIVER_CPUS}
+    # A cluster whose head offers slots (cluster/*.yaml): one slot and no CPU per driver, so a
+    # head with 0 CPUs holds them, and no more trials at once than there are slots.
+    cluster = {"CPU": 64.0, "mdt_trial_driver": 2.0}
+    assert driver_resources(spec, cluster) == {"CPU": 0.0, "mdt_trial_driver": 1.0}
+    assert fit_concurrency(cfg, spec, cluster) == 2
+    assert fit_concurrency(cfg, spec, {"CPU": 3.0, "mdt_trial_driver": 8.0}) == 2  # 1.5 CPU a trial, no driver CPU

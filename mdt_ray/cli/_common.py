@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import traceback
 from typing import Callable
+
+from mdt_ray.interrupts import signal_name, sigterm_as_interrupt
 
 __all__ = ["add_config_args", "add_logging_args", "configure_logging", "fail", "guarded", "main_for", "user_errors"]
 
@@ -99,13 +102,24 @@ def guarded(prog: str, run: Callable[[argparse.Namespace], int]) -> Callable[[ar
         from mdt_ray.train.launch import RunError
 
         try:
-            return int(run(args) or 0)
+            with sigterm_as_interrupt():
+                return int(run(args) or 0)
+        except KeyboardInterrupt as e:
+            return _interrupted(prog, e)
         except RunError as e:
             return _report(prog, e, 1, args)
         except user_errors() as e:
             return _report(prog, e, 2, args)
 
     return call
+
+
+def _interrupted(prog: str, error: KeyboardInterrupt) -> int:
+    """One line for an interrupted command, and the shell's status for the signal (128 + number)."""
+    name = signal_name(error)
+    fail(prog, f"interrupted by {name}; what was running is marked KILLED in MLflow, and a run with a "
+               "checkpoint continues with --resume", 0)
+    return 128 + int(signal.Signals[name])
 
 
 def _report(prog: str, error: BaseException, code: int, args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ and import as one command, for `ray job submit`)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import sys
 from typing import Any, Optional
@@ -105,7 +106,7 @@ def run_import(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     if report["missing"] and not args.quiet:
-        print(f"assets left out for missing files: {report['missing']}", file=sys.stderr)
+        logging.getLogger(__name__).warning("assets left out for missing files: %s", report["missing"])
     return 0
 
 

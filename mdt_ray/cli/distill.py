@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from mdt_ray.cli._common import add_config_args, main_for
 from mdt_ray.config import load_config
+
+log = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,18 +21,18 @@ def run(args: argparse.Namespace) -> int:
     from mdt_ray.train.launch import distill
 
     cfg = load_config(args.config, args.overrides)
-    print(f"[mdt-ray] distilling {cfg.model.teacher} ({cfg.model.stage}, {cfg.distill.method}) on {cfg.data.uri} "
-          f"with {cfg.scale.num_workers} worker(s), {cfg.train.steps} steps -> {cfg.run.storage_path}/{cfg.run.name}",
-          flush=True)
+    log.info("distilling %s (%s, %s) on %s with %d worker(s), %d steps -> %s/%s", cfg.model.teacher, cfg.model.stage,
+             cfg.distill.method, cfg.data.uri, cfg.scale.num_workers, cfg.train.steps, cfg.run.storage_path,
+             cfg.run.name)
     out = distill(cfg, resume=args.resume)
     m = out.metrics
-    print(f"[mdt-ray] done: step {m.get('step')} loss {m.get('loss', float('nan')):.4g}")
+    log.info("done: step %s loss %.4g", m.get("step"), m.get("loss", float("nan")))
     for k in sorted(k for k in m if k.startswith("eval_")):
-        print(f"[mdt-ray]   {k} = {m[k]:.4g}")
-    print(f"[mdt-ray] checkpoint: {out.checkpoint}")
-    print(f"[mdt-ray] TRELLIS export: {out.checkpoint}/trellis/{cfg.run.name}_student.{{json,safetensors}}")
+        log.info("  %s = %.4g", k, m[k])
+    log.info("checkpoint: %s", out.checkpoint)
+    log.info("TRELLIS export: %s/trellis/%s_student.{json,safetensors}", out.checkpoint, cfg.run.name)
     if out.mlflow_run_id:
-        print(f"[mdt-ray] MLflow run {out.mlflow_run_id} in {cfg.tracking.resolved_uri()}")
+        log.info("MLflow run %s in %s", out.mlflow_run_id, cfg.tracking.resolved_uri())
     return 0
 
 

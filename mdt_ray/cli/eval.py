@@ -4,8 +4,11 @@ against its teacher on held-out conditions (mdt_ray.eval.command does the work).
 from __future__ import annotations
 
 import argparse
+import logging
 
 from mdt_ray.cli._common import add_config_args, main_for
+
+log = logging.getLogger(__name__)
 from mdt_ray.config import load_config
 
 DESCRIPTION = "few-step quality and speed-up of a checkpoint against its teacher on held-out conditions"
@@ -58,11 +61,11 @@ def run(args: argparse.Namespace) -> int:
         render_assets=args.render_assets, device=args.device, threads=args.threads, out=args.out,
         json_path=args.json_path, run_id=args.run_id)
     print(result.pop("table"), flush=True)
-    print(f"[eval] report: {out_dir / 'eval.json'}; renders: {result.get('render', '-')}", flush=True)
+    log.info("[eval] report: %s; renders: %s", out_dir / "eval.json", result.get("render", "-"))
     if args.json_path:
-        print(f"[eval] JSON: {args.json_path}", flush=True)
+        log.info("[eval] JSON: %s", args.json_path)
     if result.get("mlflow_run_id"):
-        print(f"[eval] MLflow run {result['mlflow_run_id']} in {result['mlflow_uri']}", flush=True)
+        log.info("[eval] MLflow run %s in %s", result["mlflow_run_id"], result["mlflow_uri"])
     return 0
 
 

@@ -5,6 +5,7 @@ command is this one with `--stage slat` as its default."""
 from __future__ import annotations
 
 import argparse
+import logging
 
 from mdt_ray.cli._common import add_config_args, main_for
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     try:
         pretrain(cfg, args.out or DEFAULT_OUT[args.stage], args.name or cfg.run.name, eval_steps=args.eval_steps,
-                 snapshot_every=args.snapshot_every, log=lambda m: print(m, flush=True))
+                 snapshot_every=args.snapshot_every, log=logging.getLogger(__name__).info)
     except FloatingPointError as e:
         raise RunError(str(e)) from None
     return 0

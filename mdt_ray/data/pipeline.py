@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import sys
 from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
@@ -340,7 +341,12 @@ def make_dataset(
 
 def _set_streaming(ds, block_bytes: Optional[int], memory_bytes: Optional[int]) -> None:
     """Block size and memory cap on the dataset's own copy of the DataContext (other datasets
-    keep their settings)."""
+    keep their settings). Progress bars only on a terminal: in a log file (`ray job logs`, CI,
+    `> out.txt`) Ray Data's bars are redrawn lines full of escape codes, and the training loop
+    reports its own progress."""
+    bars = sys.stderr.isatty()
+    ds.context.enable_progress_bars = bars
+    ds.context.enable_operator_progress_bars = bars
     if block_bytes is not None:
         if block_bytes < 2**20:
             raise ValueError(f"block_bytes must be at least 1 MiB, got {block_bytes}")

@@ -10,16 +10,15 @@ Two failure modes matter on a cluster: a store that is briefly unavailable (thro
 connection) should be retried with backoff, and a store that is wrong (bad endpoint, missing
 bucket, no such key) should fail at once with a message that names it. The AWS SDK inside pyarrow
 ignores its request timeout on Linux, so before the first real request to a custom endpoint we
-probe it with a socket that has a timeout: a silent endpoint then errors in seconds instead of
-hanging a training job.
+probe it with an HTTP request that has a timeout: a silent endpoint then errors in seconds
+instead of hanging a training job.
 """
 
 from __future__ import annotations
 
+import http.client
 import os
-import random
 import socket
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, TypeVar
 from urllib.parse import urlsplit
@@ -92,25 +91,30 @@ def retry(
     max_delay: float = 8.0,
     transient: Callable[[BaseException], bool] = is_transient,
 ) -> T:
-    """Call `fn`; on a transient error wait (exponential backoff with jitter) and try again.
+    """Call `fn`; on a transient error wait (exponential backoff with jitter, tenacity's) and try
+    again.
 
     After `attempts` tries, raise StorageError naming `what` and the last error. A non-transient
     error is raised as it is, at once: retrying a missing key or a denied request only delays
-    the message the user needs.
+    the message the user needs. This sits above the SDK's own retries (SDK_MAX_ATTEMPTS) because
+    pyarrow surfaces an exhausted SDK retry as a plain OSError, which only its text tells apart
+    from a real error (TRANSIENT_MARKERS).
     """
+    import tenacity
+
     if attempts < 1:
         raise ValueError(f"retry attempts must be >= 1, got {attempts}")
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except Exception as exc:
-            if not transient(exc):
-                raise
-            if attempt == attempts:
-                raise StorageError(f"{what}: still failing after {attempts} attempts: {exc}") from exc
-            delay = min(max_delay, base_delay * 2 ** (attempt - 1))
-            time.sleep(delay * (0.5 + random.random() / 2))
-    raise AssertionError("unreachable")
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(attempts),
+        wait=tenacity.wait_exponential_jitter(initial=base_delay, max=max_delay, jitter=base_delay),
+        retry=tenacity.retry_if_exception(lambda e: isinstance(e, Exception) and transient(e)),
+        reraise=False,
+    )
+    try:
+        return retrying(fn)
+    except tenacity.RetryError as exc:
+        last = exc.last_attempt.exception()
+        raise StorageError(f"{what}: still failing after {attempts} attempts: {last}") from last
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -285,22 +289,24 @@ class StorageTarget:
         parts = urlsplit(settings.endpoint_url)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         hint = "check AWS_ENDPOINT_URL (or the storage endpoint setting) and that the server is running"
+        connection_type = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        conn = connection_type(parts.hostname, port, timeout=timeout)
         try:
-            with socket.create_connection((parts.hostname, port), timeout=timeout) as sock:
-                sock.settimeout(timeout)
-                request = f"HEAD / HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
-                sock.sendall(request.encode("ascii"))
-                if not sock.recv(16):
-                    raise ConnectionError("closed the connection without answering")
+            # Any HTTP answer will do (S3 answers an anonymous HEAD / with 200, 403 or 405).
+            conn.request("HEAD", "/")
+            conn.getresponse()
         except socket.timeout:
             raise StorageError(
                 f"S3 endpoint {settings.endpoint_url} (bucket {bucket!r}) did not answer within "
                 f"{timeout:g} s; {hint}"
             ) from None
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise StorageError(
-                f"S3 endpoint {settings.endpoint_url} (bucket {bucket!r}) is unreachable: {exc}; {hint}"
+                f"S3 endpoint {settings.endpoint_url} (bucket {bucket!r}) is unreachable: {exc or type(exc).__name__}; "
+                f"{hint}"
             ) from None
+        finally:
+            conn.close()
         _probed.add(settings.endpoint_url)
 
     def check_bucket(self) -> None:

@@ -7,6 +7,7 @@ parsing lives in mdt_ray/cli/eval.py.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -19,7 +20,7 @@ from mdt_ray.stages import Split, Stage, stage_of_class
 
 
 def _print(msg: str) -> None:
-    print(msg, flush=True)
+    logging.getLogger(__name__).info(msg)
 
 
 def checkpoint_stage(json_path: str | Path) -> Stage:
@@ -130,7 +131,8 @@ def run_eval(cfg, checkpoint: str, *, teacher: Optional[str] = None, data: Optio
 
 
 def log_mlflow(result: dict[str, Any], cfg, out_dir: Path, run_id: Optional[str], ckpt: Path) -> tuple[str, str]:
-    """Log the report's metrics and files into `run_id`, or into a new run of kind "eval"."""
+    """Log the report's metrics (eval_<metric>_<k>step_<N>assets) and files into `run_id`, or into
+    a new run of kind "eval"."""
     from mdt_ray.tracking import RunLogger, end_run, resolve_uri, start_run
 
     uri = resolve_uri(cfg.tracking.resolved_uri())
@@ -144,7 +146,10 @@ def log_mlflow(result: dict[str, Any], cfg, out_dir: Path, run_id: Optional[str]
         params.update({f"eval.teacher_sampler.{k}": v for k, v in (s["teacher_sampler"] or {}).items()})
         run_id = start_run(uri, cfg.tracking.experiment, f"eval-{ckpt.stem}", params, tags={"kind": "eval"})
     logger = RunLogger(uri, run_id)
-    logger.log_metrics(flat_metrics(result), step=0)
+    # The held-out asset count is part of each name: the run's in-training eval logs FDs of fewer
+    # assets (train.eval_assets) under eval_<metric>_<k>step, and an FD depends on the count.
+    assets = result["settings"]["assets"]
+    logger.log_metrics({f"{k}_{assets}assets": v for k, v in flat_metrics(result).items()}, step=0)
     for name in ("eval.json", "table.txt", "renders.png"):
         if (out_dir / name).is_file():
             logger.log_artifact(out_dir / name, "eval")

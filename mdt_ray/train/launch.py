@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from mdt_ray.config import Config
+from mdt_ray.interrupts import ray_train_sigint, signal_name
 from mdt_ray.train.state import RUN_META, STOP_NOTE, RunDir
 from mdt_ray.train.trainer import build_trainer, ensure_ray, run_dir_of
 
@@ -159,11 +160,27 @@ def open_mlflow_run(cfg: Config, tracking: Tracking, existing: Optional[dict[str
     if not tracking.uri:
         return None
     if existing and existing.get("mlflow_run_id") and existing.get("tracking_uri") == tracking.uri:
-        mlflow_runs.reopen_run(tracking.uri, existing["mlflow_run_id"])
-        return existing["mlflow_run_id"]
+        run_id = existing["mlflow_run_id"]
+        mlflow_runs.reopen_run(tracking.uri, run_id)
+        changed = config_changes(existing.get("config"), cfg)
+        if changed:
+            # MLflow params cannot change once logged: what the resume changed is said in a tag.
+            mlflow_runs.set_tag(tracking.uri, run_id, "mdt_ray.resumed_with", changed)
+        return run_id
     return mlflow_runs.start_run(tracking.uri, tracking.experiment, cfg.run.name, {**cfg.flat(), **tracking.params},
                                  tags={"mdt_ray.corpus_rows": str(corpus_rows), **tracking.tags},
                                  parent_run_id=tracking.parent_run_id, config_yaml=cfg.to_yaml())
+
+
+def config_changes(before: Optional[dict[str, Any]], cfg: Config) -> str:
+    """`key: old -> new; ...` for the config keys a resume changed (empty when none or unknown)."""
+    if not before:
+        return ""
+    from mdt_ray.config import flatten
+
+    old, new = flatten(before), cfg.flat()
+    keys = [k for k in sorted(new) if k != "run.resume" and old.get(k) != new[k]]
+    return "; ".join(f"{k}: {old.get(k)} -> {new[k]}" for k in keys)
 
 
 def load_eval_split(cfg: Config):
@@ -195,15 +212,23 @@ def _undone_on_failure(run_dir: RunDir, run_id: Optional[str], tracking: Trackin
 
     try:
         yield
-    except Exception:
-        # Clean-up must not hide the failure being reported, so its own errors are dropped.
+    except BaseException as exc:
+        # Clean-up must not hide the failure being reported, so its own errors are dropped. An
+        # interrupt (Ctrl-C, SIGTERM: KeyboardInterrupt) ends the run KILLED; `--resume` reopens it.
         if tracking.close and tracking.uri and run_id:
             with contextlib.suppress(Exception):
-                mlflow_runs.end_run(tracking.uri, run_id, "FAILED")
+                mlflow_runs.end_run(tracking.uri, run_id, *end_status(exc))
         if new:
             with contextlib.suppress(Exception):
                 discard_unstarted(run_dir)
         raise
+
+
+def end_status(exc: BaseException) -> tuple[str, str]:
+    """(MLflow status, reason) of a run that `exc` stopped: KILLED for an interrupt, else FAILED."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "KILLED", f"interrupted by {signal_name(exc)}"
+    return "FAILED", failure_line(exc)
 
 
 def discard_unstarted(run_dir: RunDir) -> bool:
@@ -243,7 +268,8 @@ def fit(trainer, cfg: Config, run_dir: RunDir, run_id: Optional[str], tracking: 
 
     run_dir.take(STOP_NOTE)  # a stale note from an earlier stop must not fail this run
     try:
-        result = trainer.fit()
+        with ray_train_sigint():
+            result = trainer.fit()
     except Exception as e:
         raise RunError(f"run {cfg.run.name!r} failed: {failure_line(e)}") from e
     note = run_dir.take(STOP_NOTE)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Sequence
 
 READ_TASK_CPUS = 1.0
 # The Tune function trainable of a sweep trial only drives its TorchTrainer; Ray 2.60 rejects
@@ -125,10 +125,11 @@ def fitting_runs(scale, cluster: dict[str, float], *, driver_cpus: float = 0.0) 
     return max(runs, 0)
 
 
-def cluster_capacity() -> dict[str, float]:
-    """{"CPU": ..., "GPU": ..., "bounded": ...} of the connected Ray cluster: the most it may grow
-    to when its autoscaler publishes its node types, else what it has now; `bounded` is False
-    when it may grow beyond that (see the module docstring).
+def cluster_capacity(extra: Sequence[str] = ()) -> dict[str, float]:
+    """{"CPU": ..., "GPU": ..., "bounded": ...} of the connected Ray cluster (and the resources
+    named in `extra`, such as a sweep's driver resource): the most it may grow to when its
+    autoscaler publishes its node types, else what it has now; `bounded` is False when it may
+    grow beyond that (see the module docstring).
 
     Ray 2.60 keeps the published node types in the GCS, and Ray Train reads them through the same
     private call (`get_max_resources_from_cluster_config`) to refuse a worker group that no node
@@ -137,7 +138,8 @@ def cluster_capacity() -> dict[str, float]:
     """
     import ray
 
-    now = {k: float(v) for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+    names = ("CPU", "GPU", *extra)
+    now = {k: float(v) for k, v in ray.cluster_resources().items() if k in names}
     try:
         from ray._private import worker
         from ray._private.state import state
@@ -146,6 +148,6 @@ def cluster_capacity() -> dict[str, float]:
         started_here = bool(getattr(worker._global_node, "head", False))
     except Exception:  # the private calls moved: treat the cluster as one that may grow
         most, started_here = {}, False
-    out: dict[str, float] = {k: max(now.get(k, 0.0), float(most.get(k, 0.0))) for k in ("CPU", "GPU")}
+    out: dict[str, float] = {k: max(now.get(k, 0.0), float(most.get(k, 0.0))) for k in names}
     out["bounded"] = bool(most) or started_here
     return out

@@ -30,11 +30,14 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
 
     import ray
 
+    from mdt_ray.interrupts import reclaim_sigterm
+
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
+        reclaim_sigterm()
         return
     with socket.socket() as probe:
         probe.bind(("", 0))
@@ -49,6 +52,7 @@ def ensure_ray(num_cpus: Optional[int] = None) -> None:
             os.environ.pop("RAY_GCS_SERVER_PORT", None)
         else:
             os.environ["RAY_GCS_SERVER_PORT"] = before
+    reclaim_sigterm()
 
 
 def storage_target(cfg: Config) -> tuple[str, Any]:
@@ -67,6 +71,23 @@ def run_dir_of(cfg: Config) -> RunDir:
     """Where Ray keeps the run named run.name: `<run.storage_path>/<run.name>`."""
     path, fs = storage_target(cfg)
     return RunDir(fs, f"{path.rstrip('/')}/{cfg.run.name}")
+
+
+def ingest_config(cfg: Config):
+    """Ray Train's DataConfig for the run. Ray Train 2.60 gives each dataset these execution
+    options when it splits it across workers (replacing the dataset's own); `preserve_order`
+    also turns off the locality-driven hand-out of blocks, so which worker gets which rows
+    depends only on the read order (ray/data/_internal/execution/operators/output_splitter.py)."""
+    import copy
+
+    import ray.data
+    import ray.train
+
+    # A copy of the current options rather than DataConfig.default_ingest_options(), whose
+    # constructor call passes the deprecated `exclude_resources` and warns in every run.
+    options = copy.deepcopy(ray.data.DataContext.get_current().execution_options)
+    options.preserve_order = cfg.data.deterministic
+    return ray.train.DataConfig(execution_options=options)
 
 
 def build_trainer(cfg: Config, manifest, *, mlflow_run_id: Optional[str] = None, tracking_uri: Optional[str] = None,
@@ -111,6 +132,7 @@ def build_trainer(cfg: Config, manifest, *, mlflow_run_id: Optional[str] = None,
         scaling_config=scaling,
         run_config=run_config,
         datasets={"train": dataset},
+        dataset_config=ingest_config(cfg),
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
     )
 
