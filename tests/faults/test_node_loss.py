@@ -93,11 +93,18 @@ def cluster(fault_env, tmp_path):
         while not c.nodes():
             assert time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
             time.sleep(2)
-        for name in ("w1", "w2"):
-            c.start(name, f"--address=127.0.0.1:{c.gcs}", "--num-cpus=2", f'--resources={{"{name}": 1}}')
+        workers = {name: ["--address=127.0.0.1:" + str(c.gcs), "--num-cpus=2", f'--resources={{"{name}": 1}}']
+                   for name in ("w1", "w2")}
+        for name, args in workers.items():
+            c.start(name, *args)
         while len([n for n in c.nodes() if n["state"] == "ALIVE"]) < 3:
-            logs = "\n".join((tmp_path / f"{w}.log").read_text()[-1500:] for w in ("w1", "w2"))
-            assert time.monotonic() < deadline + 300, f"worker nodes did not join:\n{logs}"
+            logs = "\n".join((tmp_path / f"{w}.log").read_text()[-1500:] for w in workers)
+            assert time.monotonic() < deadline + 600, f"worker nodes did not join:\n{logs}"
+            for name, args in workers.items():
+                # Ray 2.60 gives a raylet a fixed 30 s to register; a loaded 2-core machine can miss
+                # it (as conftest.py's session cluster notes): start that node again.
+                if c.procs[name].poll() is not None:
+                    c.start(name, *args)
             time.sleep(2)
         yield c
     finally:
@@ -140,7 +147,8 @@ def test_trial_drivers_run_on_the_head_and_a_lost_node_loses_no_trial(cluster, f
     client = MlflowClient(f"sqlite:///{db}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-    assert len(children) == 2
+    assert len(children) == 2, [(r.info.status, r.data.params.get("trial"), r.data.params.get("distill.dt"),
+                                 r.data.tags.get("mdt_ray.trial_id")) for r in children] + [text[-3000:]]
     assert {r.data.tags["mdt_ray.driver_node"] for r in children} == {head}
     assert {r.info.status for r in children} == {"FINISHED"}, [(r.info.status, r.data.tags) for r in children]
     assert all(r.data.metrics["step"] == 14 for r in children)
