@@ -27,6 +27,7 @@ from mdt_ray.data.storage import StorageTarget
 from mdt_ray.data.schema import (
     MANIFEST_FILE,
     SHARD_PATTERN,
+    VIEWS_COLUMN,
     CorpusError,
     Manifest,
     ShardInfo,
@@ -45,10 +46,12 @@ Columns = dict[str, Any]  # asset_id: list[str], ss_latent: (n, *latent), slat_*
 
 
 # -- rows -> Arrow -------------------------------------------------------------------------------
-def row_bytes(manifest: Manifest, mean_voxels: float) -> int:
-    """Uncompressed bytes of one row: float16 latent and cond, int16 coords, float16 feats."""
+def row_bytes(manifest: Manifest, mean_voxels: float, view_bytes: int = 0) -> int:
+    """Uncompressed bytes of one row: float16 latent and cond, int16 coords, float16 feats, and
+    `view_bytes` per stored view."""
     per_voxel = 3 * 2 + manifest.slat_channels * 2
-    return int(manifest.latent_size * 2 + manifest.cond_size * 2 + mean_voxels * per_voxel + 64)
+    return int(manifest.latent_size * 2 + manifest.cond_size * 2 + mean_voxels * per_voxel + 64
+               + manifest.views * view_bytes)
 
 
 def to_record_batch(cols: Columns, manifest: Manifest, *, where: str) -> pa.RecordBatch:
@@ -56,7 +59,11 @@ def to_record_batch(cols: Columns, manifest: Manifest, *, where: str) -> pa.Reco
     ids = [str(a) for a in cols["asset_id"]]
     n = len(ids)
     latent = np.asarray(cols["ss_latent"])
-    cond = np.asarray(cols["cond"])
+    if manifest.holds_images:
+        views = _views_array(cols[VIEWS_COLUMN], ids, manifest, where)
+        cond = np.zeros((n, *manifest.cond_shape), np.float16)
+    else:
+        cond = np.asarray(cols["cond"])
     for name, arr, shape in (("ss_latent", latent, manifest.latent_shape), ("cond", cond, manifest.cond_shape)):
         if arr.shape != (n, *shape):
             bad = ids[0] if n else "?"
@@ -106,11 +113,21 @@ def to_record_batch(cols: Columns, manifest: Manifest, *, where: str) -> pa.Reco
         pa.ListArray.from_arrays(
             pa.array((offsets * manifest.slat_channels).astype(np.int32)), pa.array(feats)
         ),
-        pa.FixedSizeListArray.from_arrays(
+        views if manifest.holds_images else pa.FixedSizeListArray.from_arrays(
             pa.array(cond.astype(np.float16, copy=False).reshape(-1)), manifest.cond_size
         ),
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=manifest.schema())
+
+
+def _views_array(rows: Sequence[Sequence[bytes]], ids: Sequence[str], manifest: Manifest, where: str) -> pa.Array:
+    """The `views` column: exactly manifest.views non-empty compressed images per row."""
+    for i, row in enumerate(rows):
+        if len(row) != manifest.views or not all(isinstance(b, bytes) and b for b in row):
+            raise CorpusError(f"{where}: asset {ids[i]!r} has {len(row)} views (or an empty one), "
+                              f"the manifest says {manifest.views}")
+    flat = pa.array([b for row in rows for b in row], type=pa.binary())
+    return pa.FixedSizeListArray.from_arrays(flat, manifest.views)
 
 
 # -- one shard -----------------------------------------------------------------------------------
