@@ -466,29 +466,40 @@ def shard_counts(num_rows: int, *, rows_per_shard: Optional[int] = None,
 SYNTHETIC_CHUNK = 64  # assets generated (and cond-encoded) together
 
 
-def synthetic_rows(*, seed: int, start: int, stop: int) -> Iterator[Columns]:
+def synthetic_rows(*, seed: int, start: int, stop: int, views: int = 0) -> Iterator[Columns]:
     from mdt_ray.data import synthetic
 
     for lo in range(start, stop, SYNTHETIC_CHUNK):
         assets = synthetic.make_assets(seed, lo, min(stop, lo + SYNTHETIC_CHUNK))
-        yield {
+        cols = {
             "asset_id": [a.asset_id for a in assets],
             "ss_latent": np.stack([a.ss_latent for a in assets]),
             "slat_coords": [a.slat_coords for a in assets],
             "slat_feats": [a.slat_feats for a in assets],
-            "cond": np.stack([a.cond for a in assets]),
         }
+        if views:
+            from mdt_ray.conditioning.views import encode_view
+
+            cols[VIEWS_COLUMN] = [[encode_view(img, "png") for img in synthetic.view_images(a.occupancy, views)]
+                                  for a in assets]
+        else:
+            cols["cond"] = np.stack([a.cond for a in assets])
+        yield cols
 
 
 def synthetic_plan(num_assets: int, *, seed: int = 0, rows_per_shard: Optional[int] = None,
-                   num_shards: Optional[int] = None) -> BuildPlan:
+                   num_shards: Optional[int] = None, views: int = 0) -> BuildPlan:
+    """`views` > 0: an image corpus, that many rendered views per asset (PNG) instead of tokens."""
     from mdt_ray.data import synthetic
 
     if num_assets < 1:
         raise ValueError(f"--num-assets must be >= 1, got {num_assets}")
+    if views < 0:
+        raise ValueError(f"views must be >= 0, got {views}")
     manifest = Manifest(
+        views=views, image_size=synthetic.IMAGE_SIZE if views else 0, image_format="png" if views else "",
         latent_shape=synthetic.LATENT_SHAPE,
-        cond_shape=synthetic.COND_SHAPE,
+        cond_shape=(0, 0) if views else synthetic.COND_SHAPE,
         slat_channels=synthetic.SLAT_CHANNELS,
         slat_resolution=synthetic.SLAT_RESOLUTION,
         stages=("ss", "slat"),
@@ -501,12 +512,12 @@ def synthetic_plan(num_assets: int, *, seed: int = 0, rows_per_shard: Optional[i
             "families": list(synthetic.FAMILIES),
         },
     )
-    nbytes = row_bytes(manifest, mean_voxels=600)
+    nbytes = row_bytes(manifest, mean_voxels=600, view_bytes=3000)
     counts = shard_counts(num_assets, rows_per_shard=rows_per_shard, num_shards=num_shards, row_nbytes=nbytes)
     tasks, start = [], 0
     for k, n in enumerate(counts):
         tasks.append(ShardTask(index=k, num_rows=n, produce=synthetic_rows,
-                               spec={"seed": int(seed), "start": start, "stop": start + n}))
+                               spec={"seed": int(seed), "start": start, "stop": start + n, "views": int(views)}))
         start += n
     return BuildPlan(manifest=manifest, tasks=tasks, rows_per_group=max(1, ROW_GROUP_BYTES // nbytes))
 
@@ -514,8 +525,8 @@ def synthetic_plan(num_assets: int, *, seed: int = 0, rows_per_shard: Optional[i
 def build_synthetic(target: str | StorageTarget, num_assets: int, *, seed: int = 0,
                     rows_per_shard: Optional[int] = None, num_shards: Optional[int] = None,
                     workers: Optional[int] = None, use_ray: Optional[bool] = None, overwrite: bool = False,
-                    progress: bool = True) -> Manifest:
-    plan = synthetic_plan(num_assets, seed=seed, rows_per_shard=rows_per_shard, num_shards=num_shards)
+                    progress: bool = True, views: int = 0) -> Manifest:
+    plan = synthetic_plan(num_assets, seed=seed, rows_per_shard=rows_per_shard, num_shards=num_shards, views=views)
     return run_plan(plan, target, workers=workers, use_ray=use_ray, overwrite=overwrite, progress=progress)
 
 
