@@ -197,11 +197,12 @@ def test_import_views_from_renders_cond(tmp_path):
             with Image.open(d["frames"][frame]) as im:
                 np.testing.assert_array_equal(ss["views"][k, v], view_pixels(im))
         np.testing.assert_array_equal(slat["views"][k], ss["views"][k])
-    # lossy storage is the default; its bytes decode to the same size
+    # lossy storage, on request: its bytes decode to the same size
     lossy = str(tmp_path / "webp")
-    import_trellis(str(tmp_path / "root"), lossy, views=1, stages=("ss",), limit=2, workers=1, progress=False)
+    import_trellis(str(tmp_path / "root"), lossy, views=1, image_format="webp", image_quality=90, stages=("ss",),
+                   limit=2, workers=1, progress=False)
     m2 = read_manifest(lossy)
-    assert m2.image_format == "webp" and m2.views == 1 and m2.num_rows == 2
+    assert m2.image_format == "webp" and m2.views == 1 and m2.num_rows == 2 and m2.source["image_quality"] == 90
     assert load_local(lossy)["views"].shape == (2, 1, 518, 518, 3)
 
 
@@ -247,6 +248,6 @@ def test_cli_import_to_s3(s3_server, s3_bucket, tmp_path):
     assert args.func(args) == 0
     m = read_manifest(uri)
     assert m.num_rows == 6 and m.source["min_aesthetic"] is None  # asset 1 is back, 4 and 6 still out
-    assert m.views == 2 and m.image_format == "webp" and m.source["image_quality"] == 95
+    assert m.views == 2 and m.image_format == "webp-lossless" and "image_quality" not in m.source
     rows = load_local(uri)
     assert rows["asset_id"] == [sha(i) for i in (0, 1, 2, 3, 5, 7)] and rows["views"].shape == (6, 2, 518, 518, 3)

@@ -55,9 +55,9 @@ DEFAULT_COND_DIR = "cond_tokens"
 RENDERS_DIR = "renders_cond"
 # The stored views per asset and their encoding: the trade-off measured in docs/scaling.md.
 DEFAULT_VIEWS = 8
-DEFAULT_IMAGE_FORMAT = "webp"
+DEFAULT_IMAGE_FORMAT = "webp-lossless"
 DEFAULT_IMAGE_QUALITY = 95
-_VIEW_BYTES_GUESS = 60_000  # row-size estimate for shard and row-group sizing only
+_VIEW_BYTES_GUESS = 190_000  # row-size estimate (a lossless 518² view, docs/scaling.md) for shard sizing only
 SLAT_RESOLUTION = 64
 MAX_VOXELS = 32768  # TRELLIS's max_num_voxels (both SLAT configs)
 MIN_AESTHETIC = 4.5  # both MDT-dist configs
