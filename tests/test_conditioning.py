@@ -177,7 +177,7 @@ def test_encoder_checkpoint_errors_name_the_keys(tmp_path):
 
 
 # -- the per-step view draw ----------------------------------------------------------------------
-def test_view_draw_depends_only_on_seed_rank_step():
+def test_view_draw_depends_only_on_seed_rank_step_so_resume_redraws_it():
     a = draw_views(64, 8, seed=3, rank=1, step=17)
     assert torch.equal(a, draw_views(64, 8, seed=3, rank=1, step=17))
     assert not torch.equal(a, draw_views(64, 8, seed=3, rank=1, step=18))

@@ -55,6 +55,7 @@ def test_tiny_dinov2_encodes_drawn_views_through_ray_train(ray_local, s3_server,
     build_synthetic(str(tmp_path / "eval"), 8, seed=1, views=3, progress=False, workers=1)
     torch.save(dinov2_state_dict(ENCODER), tmp_path / "dinov2_tiny.pth")
     cfg = _cfg(tmp_path, uri, f"data.eval_uri={tmp_path}/eval", "train.steps=2", "train.checkpoint_every=2",
+               "tracking.enabled=false",
                "train.eval_assets=8", "train.eval_steps=[1]", "run.name=views")
     out = distill(cfg)
     assert out.metrics["step"] == 2 and "eval_fd_1step" in out.metrics
