@@ -7,7 +7,7 @@ fine texture), through preprocess_view. Feature error: RMS difference of the lay
 of a small random DINOv2 (518², patch 14, 1374 tokens) between the stored view and the exact
 float view, per token (the tokens have unit variance, so this is relative).
 
-    python benchmarks/image_cond.py [--assets 16] [--batch 8] [--json out.json]
+    python benchmarks/image_cond.py [--assets 16] [--batch 8] [--only flops|storage|step_share] [--json out.json]
 """
 
 import argparse
@@ -57,7 +57,9 @@ def storage(assets: int, encoder: ImageEncoder) -> list[dict]:
     pixels = [view_pixels(f) for f in frames]
     rows = []
     for fmt, q in ENCODINGS:
+        t0 = time.perf_counter()
         blobs = [encode_view(p, fmt, q or 95) for p in pixels]
+        encode_ms = (time.perf_counter() - t0) / assets * 1e3
         t0 = time.perf_counter()
         back = np.stack([decode_view(b) for b in blobs])
         decode_ms = (time.perf_counter() - t0) / assets * 1e3
@@ -66,9 +68,9 @@ def storage(assets: int, encoder: ImageEncoder) -> list[dict]:
             err = (encoder(images) - ref).pow(2).mean().sqrt().item()
         pix = np.abs(back.astype(np.float32) / 255 - exact.permute(0, 2, 3, 1).numpy()).mean()
         rows.append({"format": fmt + (f" q{q}" if q else ""), "bytes_per_view": float(np.mean([len(b) for b in blobs])),
-                     "decode_ms": decode_ms, "pixel_mae": float(pix), "feature_rms": err})
-        print(f"{rows[-1]['format']:>14}: {rows[-1]['bytes_per_view'] / 1024:7.1f} KiB/view  decode "
-              f"{decode_ms:5.1f} ms  pixel MAE {pix:.5f}  feature RMS {err:.5f}", flush=True)
+                     "encode_ms": encode_ms, "decode_ms": decode_ms, "pixel_mae": float(pix), "feature_rms": err})
+        print(f"{rows[-1]['format']:>14}: {rows[-1]['bytes_per_view'] / 1024:7.1f} KiB/view  encode {encode_ms:5.1f} ms  "
+              f"decode {decode_ms:5.1f} ms  pixel MAE {pix:.5f}  feature RMS {err:.5f}", flush=True)
     # The scale of that error: the same metric between two different assets' views.
     other = (ref[1:] - ref[:-1]).pow(2).mean().sqrt().item()
     print(f"feature RMS between different assets: {other:.3f}")
@@ -132,11 +134,14 @@ def main(argv=None) -> dict:
     p.add_argument("--assets", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--only", choices=["flops", "storage", "step_share"], help="run one part")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     probe = ImageEncoder.build(PROBE).freeze("cpu")
-    result = {"flops": flops(), "storage": storage(args.assets, probe), "step_share": step_share(args.batch, args.repeats)}
+    parts = {"flops": flops, "storage": lambda: storage(args.assets, probe),
+             "step_share": lambda: step_share(args.batch, args.repeats)}
+    result = {name: run() for name, run in parts.items() if args.only in (None, name)}
     write_json(args.json, result)
     return result
 

@@ -26,7 +26,8 @@ CROP_RATIO = 1.2  # TRELLIS's aug_size_ratio
 # name: (PIL format, save options, lossless)
 FORMATS = {
     "png": ("PNG", {"compress_level": 6}, True),
-    "webp-lossless": ("WEBP", {"lossless": True, "quality": 80, "method": 4}, True),
+    # Lossless effort: method 1 / quality 20 encodes ~9× faster than 4 / 80 for 2% more bytes.
+    "webp-lossless": ("WEBP", {"lossless": True, "quality": 20, "method": 1}, True),
     "webp": ("WEBP", {"method": 4}, False),
     "jpeg": ("JPEG", {"subsampling": 0}, False),
 }
