@@ -48,7 +48,8 @@ class ViewConditioner:
     def encode_first(self, views: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
         """Tokens of view 0 of every asset (a held-out split's fixed condition), in batches."""
         device = next(self.encoder.parameters()).device
-        zero = torch.zeros(batch_size, dtype=torch.int64)
-        parts = [self.encoder(images_of(views[i:i + batch_size].to(device), zero[: len(views[i:i + batch_size])]))
-                 for i in range(0, len(views), batch_size)]
-        return torch.cat(parts).cpu()
+        parts = []
+        for chunk in views.split(batch_size):
+            first = torch.zeros(len(chunk), dtype=torch.int64)
+            parts.append(self.encoder(images_of(chunk.to(device), first)).cpu())
+        return torch.cat(parts)
