@@ -13,6 +13,10 @@ that list the folder skip names starting with `_`). Both carry JSON under the sc
 
 Readers compare every shard's header and column types with the corpus manifest and refuse a
 mismatch, naming the shard.
+
+The condition is either `cond`, float16 tokens (T, C) per asset, or, in an image corpus, `views`:
+V compressed condition images per asset (the manifest's `views`, `image_size`, `image_format`),
+which a frozen encoder on each training worker turns into tokens.
 """
 
 from __future__ import annotations
