@@ -260,7 +260,8 @@ class DenseStage(Stage):
 
     def batch_of(self, split, idx, device):
         cond = split.cond[idx].to(device)
-        return {"x0": split.x0[idx].to(device).float(), **({"views": cond} if split.holds_views else {"cond": cond.float()})}
+        return {"x0": split.x0[idx].to(device).float(),
+                **({"views": cond} if split.holds_views else {"cond": cond.float()})}
 
     def head(self, split, n):
         return Split(self, split.x0[:n], split.cond[:n], split.asset_id[:n], split.manifest, split.source)

@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from mdt_ray.cli import corpus as corpus_cli
-from mdt_ray.conditioning import decode_view, view_pixels
+from mdt_ray.conditioning import view_pixels
 from mdt_ray.data.pipeline import load_local
 from mdt_ray.data.schema import CorpusError, read_manifest
 from mdt_ray.data.trellis_import import TrellisImportError, import_trellis

@@ -27,7 +27,8 @@ ARCH_KEYS = ("embed_dim", "depth", "num_heads", "patch_size", "num_register_toke
 # DINOv2's hub models with registers (hubconf: init_values 1.0, MLP feed-forward, 518² positions).
 ARCHS: dict[str, dict[str, int]] = {
     "dinov2_vits14_reg": dict(embed_dim=384, depth=12, num_heads=6, patch_size=14, num_register_tokens=4, img_size=518),
-    "dinov2_vitb14_reg": dict(embed_dim=768, depth=12, num_heads=12, patch_size=14, num_register_tokens=4, img_size=518),
+    "dinov2_vitb14_reg": dict(embed_dim=768, depth=12, num_heads=12, patch_size=14, num_register_tokens=4,
+                              img_size=518),
     "dinov2_vitl14_reg": dict(embed_dim=1024, depth=24, num_heads=16, patch_size=14, num_register_tokens=4,
                               img_size=518),
 }
@@ -191,10 +192,10 @@ class ImageEncoder(nn.Module):
         wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in mine.items()
                  if k in state and state[k].shape != v.shape]
         if missing or unexpected or wrong:
+            more = lambda keys: " ..." if len(keys) > 4 else ""  # noqa: E731
             raise EncoderError(
-                f"model.image_encoder: {path} does not fit arch {arch!r}: missing {missing[:4]}"
-                f"{' ...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}{' ...' if len(unexpected) > 4 else ''}"
-                f", shape {wrong[:3]}")
+                f"model.image_encoder: {path} does not fit arch {arch!r}: missing {missing[:4]}{more(missing)}, "
+                f"unexpected {unexpected[:4]}{more(unexpected)}, shape {wrong[:3]}")
         encoder.vit.load_state_dict({k: v.float() for k, v in state.items()})
         return encoder
 

@@ -131,8 +131,9 @@ def read_frames(render_dir: str, *, sha: str) -> list[str]:
     except FileNotFoundError:
         raise TrellisImportError(f"asset {sha}: {path} is missing") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise TrellisImportError(f"asset {sha}: {path} is malformed (expected {{\"frames\": [{{\"file_path\": ...}}]}}: "
-                                 f"{type(e).__name__}: {e})") from None
+        expected = '{"frames": [{"file_path": ...}, ...]}'
+        raise TrellisImportError(f"asset {sha}: {path} is malformed (expected {expected}: {type(e).__name__}: {e})"
+                                 ) from None
     if not frames:
         raise TrellisImportError(f"asset {sha}: {path} lists no frames")
     return frames

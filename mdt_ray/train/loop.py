@@ -2,9 +2,9 @@
 
 Per worker: a frozen teacher and a (DDP) student on the same device (on an image corpus also the
 frozen image encoder, which turns each batch's drawn view into its cond tokens inside the step),
-the worker's shard of the corpus, and the optimizer step of mdt_ray.engine; a report every `log_every` steps, a checkpoint
-every `checkpoint_every`, the in-training eval on rank 0, and at the end the EMA student in
-TRELLIS's format. Every rank runs the same fixed steps and calls `ray.train.report` at the same
+the worker's shard of the corpus, and the optimizer step of mdt_ray.engine; a report every
+`log_every` steps, a checkpoint every `checkpoint_every`, the in-training eval on rank 0, and at
+the end the EMA student in TRELLIS's format. Every rank runs the same fixed steps and calls `ray.train.report` at the same
 steps, so Ray's report barrier cannot deadlock; a non-finite loss on any rank, or non-finite
 weights after an update (or, before a checkpoint, weights whose outputs are non-finite), stops all
 ranks at the same step, and no checkpoint is written from such weights.
