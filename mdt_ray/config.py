@@ -42,8 +42,15 @@ class ModelConfig(_Block):
     # `<name>.json` whose `<name>.safetensors` lies beside it.
     teacher: str = "ss-demo"
     stage: Literal["ss", "slat"] = "ss"
-    # Run the frozen teacher in bf16 on GPU (it never needs fp32 master weights).
+    # Run the frozen teacher (and image encoder) in bf16 on GPU (they never need fp32 master weights).
     teacher_bf16: bool = True
+    # Image corpora (views, not tokens): the frozen DINOv2 that encodes the drawn view on every
+    # worker. A checkpoint path (DINOv2's own `dinov2_vitl14_reg4_pretrain.pth` state dict or a
+    # .safetensors file) and its architecture: a name of mdt_ray.conditioning.ARCHS or a dict of
+    # DINOv2's constructor arguments (embed_dim, depth, num_heads, patch_size, num_register_tokens,
+    # img_size).
+    image_encoder: Optional[str] = None
+    image_encoder_arch: Union[str, dict[str, int]] = "dinov2_vitl14_reg"
 
     @field_validator("teacher")
     @classmethod
@@ -58,6 +65,14 @@ class ModelConfig(_Block):
                 f"unknown model name {v!r}; use one of {sorted(NAMED_CONFIGS)} "
                 "or a path to a TRELLIS <name>.json"
             )
+        return v
+
+    @field_validator("image_encoder_arch")
+    @classmethod
+    def _known_arch(cls, v: Union[str, dict[str, int]]) -> Union[str, dict[str, int]]:
+        from mdt_ray.conditioning.encoder import arch_args
+
+        arch_args(v)  # an EncoderError (a ValueError) names what is wrong
         return v
 
 

@@ -61,7 +61,8 @@ class SparseBank:
 class Split:
     """A corpus (or its first `limit` assets) in memory: held-out data for evaluation, or the
     training set of a single-process loop. `x0` is the stage's container (a dense float tensor,
-    or a SparseBank), `cond` (N, T, C) float32."""
+    or a SparseBank), `cond` (N, T, C) float32; from an image corpus, until `encode_views` has
+    run, `cond` holds each asset's first stored view, (N, 1, S, S, 3) uint8."""
 
     stage: "Stage"
     x0: Any
@@ -79,6 +80,23 @@ class Split:
 
     def head(self, n: int) -> "Split":
         return self.stage.head(self, n)
+
+    @property
+    def holds_views(self) -> bool:
+        return self.cond.dtype == torch.uint8
+
+    def encode_views(self, conditioner) -> "Split":
+        """The split with its fixed first views replaced by their condition tokens."""
+        if self.holds_views:
+            self.cond = conditioner.encode_first(self.cond)
+        return self
+
+
+def _split_cond(rows: dict[str, Any]) -> torch.Tensor:
+    """A split's cond: the tokens, or (image corpora) each asset's first view, kept as stored."""
+    if "views" in rows:
+        return torch.from_numpy(np.ascontiguousarray(rows["views"][:, :1]))
+    return torch.from_numpy(np.ascontiguousarray(rows["cond"])).float()
 
 
 class Stage:
@@ -137,12 +155,19 @@ class Stage:
 
         return build_model(name)
 
-    def fit_problems(self, args: dict[str, Any], manifest) -> list[str]:
-        """Why a model with TRELLIS config `args` cannot train on the corpus of `manifest`."""
+    def fit_problems(self, args: dict[str, Any], manifest, model_cfg=None) -> list[str]:
+        """Why a model with TRELLIS config `args` cannot train on the corpus of `manifest`
+        (with `model_cfg`, the run's model block: whether its image encoder fits too)."""
         problems = []
         if self.name not in manifest.stages:
             problems.append(f"the corpus holds no stage-{self.name!r} data (stages {list(manifest.stages)})")
-        if args.get("cond_channels") != manifest.cond_shape[1]:
+        encoder = getattr(model_cfg, "image_encoder", None)
+        if getattr(manifest, "views", 0):
+            problems += _encoder_problems(args, manifest, model_cfg)
+        elif encoder:
+            problems.append(f"model.image_encoder is set ({encoder}) but the corpus holds cond tokens, not images; "
+                            "unset it")
+        elif args.get("cond_channels") != manifest.cond_shape[1]:
             problems.append(f"cond tokens {list(manifest.cond_shape)} (T, C) vs model "
                             f"cond_channels={args.get('cond_channels')}")
         return problems
@@ -164,6 +189,11 @@ class Stage:
     def generate(self, model: torch.nn.Module, split: Split, noise: Any, *, steps: int, sampler: dict[str, Any],
                  batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
         """Samples for every asset of `split` from `noise`, `batch_size` assets per sampler call."""
+        if split.holds_views:
+            from mdt_ray.config import ConfigError
+
+            raise ConfigError(f"the split of {split.manifest.uri or 'this corpus'} holds condition images: encode them "
+                              "first (Split.encode_views with the run's model.image_encoder)")
         out = []
         for start in range(0, len(split), batch_size):
             x, cond = self.sampler_input(split, noise, start, start + batch_size, device)
@@ -225,18 +255,19 @@ class DenseStage(Stage):
         return [(x0[i * size : (i + 1) * size], cond[i * size : (i + 1) * size]) for i in range(n)]
 
     def _split(self, rows, manifest):
-        return Split(self, torch.from_numpy(np.ascontiguousarray(rows["x0"])).float(),
-                     torch.from_numpy(np.ascontiguousarray(rows["cond"])).float(), list(rows["asset_id"]), manifest,
-                     dict(manifest.source or {}))
+        return Split(self, torch.from_numpy(np.ascontiguousarray(rows["x0"])).float(), _split_cond(rows),
+                     list(rows["asset_id"]), manifest, dict(manifest.source or {}))
 
     def batch_of(self, split, idx, device):
-        return {"x0": split.x0[idx].to(device).float(), "cond": split.cond[idx].to(device).float()}
+        cond = split.cond[idx].to(device)
+        return {"x0": split.x0[idx].to(device).float(),
+                **({"views": cond} if split.holds_views else {"cond": cond.float()})}
 
     def head(self, split, n):
         return Split(self, split.x0[:n], split.cond[:n], split.asset_id[:n], split.manifest, split.source)
 
-    def fit_problems(self, args, manifest):
-        problems = super().fit_problems(args, manifest)
+    def fit_problems(self, args, manifest, model_cfg=None):
+        problems = super().fit_problems(args, manifest, model_cfg)
         c, r = manifest.latent_shape[0], manifest.latent_shape[1]
         if args.get("in_channels") != c or args.get("resolution") != r:
             problems.append(f"latent {list(manifest.latent_shape)} vs model in_channels={args.get('in_channels')}, "
@@ -306,9 +337,8 @@ class SparseStage(Stage):
         return out
 
     def _split(self, rows, manifest):
-        return Split(self, SparseBank(rows["slat_coords"], rows["slat_feats"]),
-                     torch.from_numpy(np.ascontiguousarray(rows["cond"])).float(), list(rows["asset_id"]), manifest,
-                     dict(manifest.source or {}))
+        return Split(self, SparseBank(rows["slat_coords"], rows["slat_feats"]), _split_cond(rows),
+                     list(rows["asset_id"]), manifest, dict(manifest.source or {}))
 
     def batch_of(self, split, idx, device):
         rows = idx.tolist() if isinstance(idx, torch.Tensor) else list(idx)
@@ -317,7 +347,8 @@ class SparseStage(Stage):
         index = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int32), counts)
         return {"coords": torch.cat([index[:, None], torch.cat(coords)], dim=1).to(device),
                 "feats": torch.cat([split.x0.feats[i] for i in rows]).to(device),
-                "cond": split.cond[rows].to(device).float(), "counts": counts}
+                "counts": counts, **({"views": split.cond[rows].to(device)} if split.holds_views
+                                     else {"cond": split.cond[rows].to(device).float()})}
 
     def head(self, split, n):
         bank = SparseBank([], [])
@@ -329,8 +360,8 @@ class SparseStage(Stage):
 
         return build_model(name, resolution=manifest.slat_resolution)
 
-    def fit_problems(self, args, manifest):
-        problems = super().fit_problems(args, manifest)
+    def fit_problems(self, args, manifest, model_cfg=None):
+        problems = super().fit_problems(args, manifest, model_cfg)
         if args.get("in_channels") != manifest.slat_channels:
             problems.append(f"{manifest.slat_channels} SLAT channels vs model in_channels={args.get('in_channels')}")
         return problems
@@ -359,6 +390,29 @@ class SparseStage(Stage):
         reference = torch.cat(split.x0.feats).double().numpy()
         return {"feat_mse": float(np.mean((samples.astype(np.float64) - reference) ** 2)),
                 "fd": metrics.frechet_distance(samples, reference)}
+
+
+def _encoder_problems(args: dict[str, Any], manifest, model_cfg) -> list[str]:
+    """What keeps model.image_encoder from encoding an image corpus for a teacher of `args`."""
+    from mdt_ray.conditioning.encoder import EncoderError, arch_args
+
+    views = f"the corpus holds condition images ({manifest.views} view(s) per asset)"
+    if model_cfg is None or not model_cfg.image_encoder:
+        return [f"{views} but no model.image_encoder is configured (a DINOv2 checkpoint that encodes them; "
+                "TRELLIS uses dinov2_vitl14_reg4_pretrain.pth)"]
+    from mdt_ray.models.teachers import from_root
+
+    problems = []
+    if not from_root(model_cfg.image_encoder).is_file():
+        problems.append(f"model.image_encoder: no checkpoint file at {model_cfg.image_encoder}")
+    try:
+        width = arch_args(model_cfg.image_encoder_arch)["embed_dim"]
+    except EncoderError as e:
+        return problems + [str(e)]
+    if width != args.get("cond_channels"):
+        problems.append(f"model.image_encoder_arch makes tokens of width {width}, the teacher's cond_channels is "
+                        f"{args.get('cond_channels')}")
+    return problems
 
 
 def balanced_groups(counts: Sequence[int], n: int) -> list[list[int]]:

@@ -62,14 +62,22 @@ def add_trellis_options(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--ss-model", default=None, help=f"ss_latents/<name> (default: the only one, or {ti.DEFAULT_SS_MODEL})")
     p.add_argument("--slat-model", default=None, help=f"latents/<name> (default: the only one, or {ti.DEFAULT_SLAT_MODEL})")
+    p.add_argument("--cond", choices=["views", "tokens"], default="views",
+                   help="condition: images from renders_cond/ (encoded on the workers), or precomputed tokens")
+    p.add_argument("--views", type=int, default=ti.DEFAULT_VIEWS,
+                   help=f"condition views stored per asset, evenly spaced over its frames (default {ti.DEFAULT_VIEWS})")
+    p.add_argument("--image-format", default=ti.DEFAULT_IMAGE_FORMAT, choices=["webp", "jpeg", "png", "webp-lossless"],
+                   help=f"how the views are stored (default {ti.DEFAULT_IMAGE_FORMAT}; docs/scaling.md compares them)")
+    p.add_argument("--image-quality", type=int, default=ti.DEFAULT_IMAGE_QUALITY,
+                   help=f"quality of webp/jpeg views (default {ti.DEFAULT_IMAGE_QUALITY})")
     p.add_argument("--cond-dir", default=ti.DEFAULT_COND_DIR,
-                   help="folder of <sha256>.npy|.npz cond tokens, relative to ROOT or absolute")
+                   help="--cond tokens: folder of <sha256>.npy|.npz cond tokens, relative to ROOT or absolute")
     p.add_argument("--stages", default="ss,slat", help="which latents to import: ss, slat or ss,slat")
     p.add_argument("--min-aesthetic", default=str(ti.MIN_AESTHETIC),
                    help="keep assets with aesthetic_score >= this ('none': no filter)")
     p.add_argument("--max-voxels", type=int, default=ti.MAX_VOXELS)
-    p.add_argument("--views", choices=["first", "all"], default="first",
-                   help="cond files with several views: first view only, or one row per view")
+    p.add_argument("--token-views", choices=["first", "all"], default="first",
+                   help="--cond tokens files with several views: first view only, or one row per view")
     p.add_argument("--skip-missing", action="store_true",
                    help="leave out (and count) assets whose files are missing instead of failing")
     p.add_argument("--limit", type=int, default=None, help="import at most this many assets")
@@ -100,7 +108,8 @@ def run_import(args: argparse.Namespace) -> int:
     stages = tuple(s.strip() for s in args.stages.split(",") if s.strip())
     _, report = import_trellis(
         args.root, _target(args, args.out), ss_model=args.ss_model, slat_model=args.slat_model, cond_dir=args.cond_dir,
-        stages=stages, min_aesthetic=min_aes, max_voxels=args.max_voxels, views=args.views,
+        stages=stages, min_aesthetic=min_aes, max_voxels=args.max_voxels, cond=args.cond, views=args.views,
+        image_format=args.image_format, image_quality=args.image_quality, token_views=args.token_views,
         skip_missing=args.skip_missing, limit=args.limit, rows_per_shard=args.rows_per_shard,
         num_shards=args.shards, workers=args.workers, use_ray=args.use_ray, overwrite=args.overwrite,
         progress=not args.quiet,
@@ -122,8 +131,10 @@ def format_inspect(info: dict[str, Any]) -> str:
         f"corpus        {info['uri']}",
         f"format        v{m['format_version']}  stages {', '.join(m['stages'])}",
         f"source        {json.dumps(m['source'], sort_keys=True)}",
-        f"latent        {m['latent_shape']}  cond (T, C) {m['cond_shape']}  "
-        f"slat {m['slat_channels']} ch @ {m['slat_resolution']}³",
+        f"latent        {m['latent_shape']}  "
+        + (f"cond {m['views']} view(s) of {m['image_size']}² {m['image_format']}  " if m.get("views")
+           else f"cond (T, C) {m['cond_shape']}  ")
+        + f"slat {m['slat_channels']} ch @ {m['slat_resolution']}³",
         f"rows          {info['num_rows']:,} in {info['num_shards']} shard(s); "
         f"mean voxels/asset {info['mean_voxels']:,.0f}",
         f"size          {_mb(info['total_bytes'])} on storage, {_mb(info['bytes_per_asset'])} per asset",

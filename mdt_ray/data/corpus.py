@@ -27,6 +27,7 @@ from mdt_ray.data.storage import StorageTarget
 from mdt_ray.data.schema import (
     MANIFEST_FILE,
     SHARD_PATTERN,
+    VIEWS_COLUMN,
     CorpusError,
     Manifest,
     ShardInfo,
@@ -45,10 +46,12 @@ Columns = dict[str, Any]  # asset_id: list[str], ss_latent: (n, *latent), slat_*
 
 
 # -- rows -> Arrow -------------------------------------------------------------------------------
-def row_bytes(manifest: Manifest, mean_voxels: float) -> int:
-    """Uncompressed bytes of one row: float16 latent and cond, int16 coords, float16 feats."""
+def row_bytes(manifest: Manifest, mean_voxels: float, view_bytes: int = 0) -> int:
+    """Uncompressed bytes of one row: float16 latent and cond, int16 coords, float16 feats, and
+    `view_bytes` per stored view."""
     per_voxel = 3 * 2 + manifest.slat_channels * 2
-    return int(manifest.latent_size * 2 + manifest.cond_size * 2 + mean_voxels * per_voxel + 64)
+    return int(manifest.latent_size * 2 + manifest.cond_size * 2 + mean_voxels * per_voxel + 64
+               + manifest.views * view_bytes)
 
 
 def to_record_batch(cols: Columns, manifest: Manifest, *, where: str) -> pa.RecordBatch:
@@ -56,7 +59,11 @@ def to_record_batch(cols: Columns, manifest: Manifest, *, where: str) -> pa.Reco
     ids = [str(a) for a in cols["asset_id"]]
     n = len(ids)
     latent = np.asarray(cols["ss_latent"])
-    cond = np.asarray(cols["cond"])
+    if manifest.holds_images:
+        views = _views_array(cols[VIEWS_COLUMN], ids, manifest, where)
+        cond = np.zeros((n, *manifest.cond_shape), np.float16)
+    else:
+        cond = np.asarray(cols["cond"])
     for name, arr, shape in (("ss_latent", latent, manifest.latent_shape), ("cond", cond, manifest.cond_shape)):
         if arr.shape != (n, *shape):
             bad = ids[0] if n else "?"
@@ -106,11 +113,21 @@ def to_record_batch(cols: Columns, manifest: Manifest, *, where: str) -> pa.Reco
         pa.ListArray.from_arrays(
             pa.array((offsets * manifest.slat_channels).astype(np.int32)), pa.array(feats)
         ),
-        pa.FixedSizeListArray.from_arrays(
+        views if manifest.holds_images else pa.FixedSizeListArray.from_arrays(
             pa.array(cond.astype(np.float16, copy=False).reshape(-1)), manifest.cond_size
         ),
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=manifest.schema())
+
+
+def _views_array(rows: Sequence[Sequence[bytes]], ids: Sequence[str], manifest: Manifest, where: str) -> pa.Array:
+    """The `views` column: exactly manifest.views non-empty compressed images per row."""
+    for i, row in enumerate(rows):
+        if len(row) != manifest.views or not all(isinstance(b, bytes) and b for b in row):
+            raise CorpusError(f"{where}: asset {ids[i]!r} has {len(row)} views (or an empty one), "
+                              f"the manifest says {manifest.views}")
+    flat = pa.array([b for row in rows for b in row], type=pa.binary())
+    return pa.FixedSizeListArray.from_arrays(flat, manifest.views)
 
 
 # -- one shard -----------------------------------------------------------------------------------
@@ -449,29 +466,40 @@ def shard_counts(num_rows: int, *, rows_per_shard: Optional[int] = None,
 SYNTHETIC_CHUNK = 64  # assets generated (and cond-encoded) together
 
 
-def synthetic_rows(*, seed: int, start: int, stop: int) -> Iterator[Columns]:
+def synthetic_rows(*, seed: int, start: int, stop: int, views: int = 0) -> Iterator[Columns]:
     from mdt_ray.data import synthetic
 
     for lo in range(start, stop, SYNTHETIC_CHUNK):
         assets = synthetic.make_assets(seed, lo, min(stop, lo + SYNTHETIC_CHUNK))
-        yield {
+        cols = {
             "asset_id": [a.asset_id for a in assets],
             "ss_latent": np.stack([a.ss_latent for a in assets]),
             "slat_coords": [a.slat_coords for a in assets],
             "slat_feats": [a.slat_feats for a in assets],
-            "cond": np.stack([a.cond for a in assets]),
         }
+        if views:
+            from mdt_ray.conditioning.views import encode_view
+
+            cols[VIEWS_COLUMN] = [[encode_view(img, "png") for img in synthetic.view_images(a.occupancy, views)]
+                                  for a in assets]
+        else:
+            cols["cond"] = np.stack([a.cond for a in assets])
+        yield cols
 
 
 def synthetic_plan(num_assets: int, *, seed: int = 0, rows_per_shard: Optional[int] = None,
-                   num_shards: Optional[int] = None) -> BuildPlan:
+                   num_shards: Optional[int] = None, views: int = 0) -> BuildPlan:
+    """`views` > 0: an image corpus, that many rendered views per asset (PNG) instead of tokens."""
     from mdt_ray.data import synthetic
 
     if num_assets < 1:
         raise ValueError(f"--num-assets must be >= 1, got {num_assets}")
+    if views < 0:
+        raise ValueError(f"views must be >= 0, got {views}")
     manifest = Manifest(
+        views=views, image_size=synthetic.IMAGE_SIZE if views else 0, image_format="png" if views else "",
         latent_shape=synthetic.LATENT_SHAPE,
-        cond_shape=synthetic.COND_SHAPE,
+        cond_shape=(0, 0) if views else synthetic.COND_SHAPE,
         slat_channels=synthetic.SLAT_CHANNELS,
         slat_resolution=synthetic.SLAT_RESOLUTION,
         stages=("ss", "slat"),
@@ -484,12 +512,12 @@ def synthetic_plan(num_assets: int, *, seed: int = 0, rows_per_shard: Optional[i
             "families": list(synthetic.FAMILIES),
         },
     )
-    nbytes = row_bytes(manifest, mean_voxels=600)
+    nbytes = row_bytes(manifest, mean_voxels=600, view_bytes=3000)
     counts = shard_counts(num_assets, rows_per_shard=rows_per_shard, num_shards=num_shards, row_nbytes=nbytes)
     tasks, start = [], 0
     for k, n in enumerate(counts):
         tasks.append(ShardTask(index=k, num_rows=n, produce=synthetic_rows,
-                               spec={"seed": int(seed), "start": start, "stop": start + n}))
+                               spec={"seed": int(seed), "start": start, "stop": start + n, "views": int(views)}))
         start += n
     return BuildPlan(manifest=manifest, tasks=tasks, rows_per_group=max(1, ROW_GROUP_BYTES // nbytes))
 
@@ -497,8 +525,8 @@ def synthetic_plan(num_assets: int, *, seed: int = 0, rows_per_shard: Optional[i
 def build_synthetic(target: str | StorageTarget, num_assets: int, *, seed: int = 0,
                     rows_per_shard: Optional[int] = None, num_shards: Optional[int] = None,
                     workers: Optional[int] = None, use_ray: Optional[bool] = None, overwrite: bool = False,
-                    progress: bool = True) -> Manifest:
-    plan = synthetic_plan(num_assets, seed=seed, rows_per_shard=rows_per_shard, num_shards=num_shards)
+                    progress: bool = True, views: int = 0) -> Manifest:
+    plan = synthetic_plan(num_assets, seed=seed, rows_per_shard=rows_per_shard, num_shards=num_shards, views=views)
     return run_plan(plan, target, workers=workers, use_ray=use_ray, overwrite=overwrite, progress=progress)
 
 

@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 from mdt_ray.data import storage
 from mdt_ray.data.storage import StorageTarget
 from mdt_ray.data.schema import (
-    STAGE_COLUMNS,
+    VIEWS_COLUMN,
     CorpusError,
     Manifest,
     check_header,
@@ -77,7 +77,7 @@ def _check_list_column(table: pa.Table, name: str, manifest: Manifest, paths: Se
         bad = np.nonzero(lengths != want.list_size)[0]
         if len(bad):
             row = int(bad[0])
-            shape = manifest.latent_shape if name == "ss_latent" else manifest.cond_shape
+            shape = {"ss_latent": manifest.latent_shape, VIEWS_COLUMN: (manifest.views,)}.get(name, manifest.cond_shape)
             raise CorpusError(
                 f"{_where(paths, ids, row)}: column {name!r} holds {lengths[row]} values, the "
                 f"manifest says {'×'.join(map(str, shape))} = {want.list_size}"
@@ -109,7 +109,8 @@ def decode_table(table: pa.Table, manifest: Manifest, stage: str, *, shard: Opti
                  keep_asset_id: bool = False, normalize_slat: bool = True) -> dict[str, Any]:
     """Validate a batch of corpus rows against the manifest and decode it to numpy.
 
-    Stage "ss": x0 (B, 8, 16, 16, 16) float32 and cond (B, T, C) float32. Stage "slat":
+    Stage "ss": x0 (B, 8, 16, 16, 16) float32 and cond (B, T, C) float32 (an image corpus: views
+    (B, V, S, S, 3) uint8 instead, every stored view decoded). Stage "slat":
     slat_coords, object array of (L, 3) int32; slat_feats, object array of (L, C) float32
     ((feats - mean) / std with the manifest's statistics when normalize_slat, as TRELLIS feeds
     them); cond. The shard of each row comes from a `path` column when present, else `shard`.
@@ -123,7 +124,7 @@ def decode_table(table: pa.Table, manifest: Manifest, stage: str, *, shard: Opti
         paths = [prefix + p for p in table.column(_PATH).to_pylist()]
     else:
         paths = [shard or manifest.uri or "?"] * n
-    for name in STAGE_COLUMNS[stage]:
+    for name in manifest.stage_columns(stage):
         if name not in table.column_names:
             raise CorpusError(f"shard {paths[0] if n else shard}: column {name!r} is missing")
         _check_list_column(table, name, manifest, paths, ids)
@@ -132,9 +133,30 @@ def decode_table(table: pa.Table, manifest: Manifest, stage: str, *, shard: Opti
         out["x0"] = _fixed_to_numpy(table.column("ss_latent"), manifest.latent_shape, "ss_latent", paths, ids)
     else:
         out.update(_decode_slat(table, manifest, paths, ids, normalize_slat))
-    out["cond"] = _fixed_to_numpy(table.column("cond"), manifest.cond_shape, "cond", paths, ids)
+    if manifest.holds_images:
+        out[VIEWS_COLUMN] = _decode_views(table, manifest, paths, ids)
+    else:
+        out["cond"] = _fixed_to_numpy(table.column("cond"), manifest.cond_shape, "cond", paths, ids)
     if keep_asset_id:
         out["asset_id"] = np.asarray(ids, dtype=object)
+    return out
+
+
+def _decode_views(table: pa.Table, manifest: Manifest, paths: Sequence[str], ids: Sequence[str]) -> np.ndarray:
+    """The stored condition views, decoded: (B, V, S, S, 3) uint8."""
+    from mdt_ray.conditioning.views import ViewError, decode_view
+
+    col = table.column(VIEWS_COLUMN)
+    col = col.combine_chunks() if isinstance(col, pa.ChunkedArray) else col
+    v, size = manifest.views, manifest.image_size
+    blobs = col.flatten().to_pylist()
+    out = np.empty((len(col), v, size, size, 3), np.uint8)
+    for k, data in enumerate(blobs):
+        row, view = divmod(k, v)
+        try:
+            out[row, view] = decode_view(data, size)
+        except ViewError as e:
+            raise CorpusError(f"{_where(paths, ids, row)}: view {view}: {e}") from None
     return out
 
 
@@ -310,7 +332,7 @@ def make_dataset(
         )
     if not manifest.shards:
         raise CorpusError(f"corpus {manifest.uri} has no shards")
-    columns = STAGE_COLUMNS[stage]
+    columns = manifest.stage_columns(stage)
     if verify:
         verify_shards(manifest, columns, target=target)
     fs, _ = target.with_uri(manifest.uri).pyarrow_fs()
@@ -409,7 +431,7 @@ def load_local(target: str | StorageTarget, *, stage: str = "ss", limit: Optiona
         raise CorpusError(f"corpus {manifest.uri} holds no stage-{stage!r} data (manifest stages: {list(manifest.stages)})")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}")
-    columns = STAGE_COLUMNS[stage]
+    columns = manifest.stage_columns(stage)
     parts: list[dict[str, Any]] = []
     remaining = manifest.num_rows if limit is None else min(limit, manifest.num_rows)
     for s_uri, info in zip(manifest.shard_uris(), manifest.shards):
@@ -447,8 +469,13 @@ def load_local(target: str | StorageTarget, *, stage: str = "ss", limit: Optiona
 
 def _concat(parts: list[dict[str, Any]], stage: str, manifest: Manifest) -> dict[str, Any]:
     out: dict[str, Any] = {"asset_id": [a for p in parts for a in p["asset_id"]]}
-    cond = [p["cond"] for p in parts]
-    out["cond"] = np.concatenate(cond) if cond else np.zeros((0, *manifest.cond_shape), np.float32)
+    if manifest.holds_images:
+        views = [p[VIEWS_COLUMN] for p in parts]
+        out[VIEWS_COLUMN] = (np.concatenate(views) if views else
+                             np.zeros((0, manifest.views, manifest.image_size, manifest.image_size, 3), np.uint8))
+    else:
+        cond = [p["cond"] for p in parts]
+        out["cond"] = np.concatenate(cond) if cond else np.zeros((0, *manifest.cond_shape), np.float32)
     if stage == "ss":
         x0 = [p["x0"] for p in parts]
         out["x0"] = np.concatenate(x0) if x0 else np.zeros((0, *manifest.latent_shape), np.float32)
@@ -510,14 +537,16 @@ def _collate(manifest: Optional[Manifest]):
                     "the rows hold the stored columns (make_dataset(decode='collate')): pass the "
                     "corpus manifest to torch_batches(..., manifest=read_manifest(uri))"
                 )
-            missing = [k for k in ("x0", "cond") if k not in batch]
+            cond = VIEWS_COLUMN if VIEWS_COLUMN in batch else "cond"
+            missing = [k for k in ("x0", cond) if k not in batch]
             if missing:
                 raise CorpusError(
-                    f"torch_batches needs stage-'ss' rows (x0, cond); the batch has {sorted(batch)} "
+                    f"torch_batches needs stage-'ss' rows (x0, cond or views); the batch has {sorted(batch)} "
                     "(use slat_batches for stage 'slat')"
                 )
             # np.require copies only arrays Ray hands over read-only (torch warns on those).
-            return {k: torch.from_numpy(np.require(batch[k], np.float32, ["C", "W"])) for k in ("x0", "cond")}
+            return {"x0": torch.from_numpy(np.require(batch["x0"], np.float32, ["C", "W"])),
+                    cond: torch.from_numpy(np.require(batch[cond], None, ["C", "W"]))}
 
     class SSDecodeCollate(ArrowBatchCollateFn):
         """Arrow batch of stored rows -> validated, decoded {"x0", "cond"} float32 tensors."""
@@ -533,8 +562,8 @@ def _collate(manifest: Optional[Manifest]):
                     f"{table.column_names} (rows from make_dataset(decode='tasks') need no manifest)"
                 )
             out = decode_table(table, self.manifest, "ss")
-            # Freshly decoded, writable float32 arrays: the tensors share them, no copy.
-            return {"x0": torch.from_numpy(out["x0"]), "cond": torch.from_numpy(out["cond"])}
+            # Freshly decoded, writable arrays: the tensors share them, no copy.
+            return {k: torch.from_numpy(out[k]) for k in ("x0", "cond", VIEWS_COLUMN) if k in out}
 
     return SSCollate() if manifest is None else SSDecodeCollate(dataclasses.replace(manifest, shards=[]))
 
@@ -542,7 +571,8 @@ def _collate(manifest: Optional[Manifest]):
 def torch_batches(source, batch_size: int, *, device: Any = "cpu", drop_last: bool = True,
                   local_shuffle_buffer: int = 0, seed: Optional[int] = None,
                   prefetch_batches: int = 1, manifest: Optional[Manifest] = None) -> Iterator[dict[str, Any]]:
-    """Batches {"x0": (B, 8, 16, 16, 16), "cond": (B, T, C)} float32 tensors on `device`.
+    """Batches {"x0": (B, 8, 16, 16, 16), "cond": (B, T, C)} float32 tensors on `device`; from an
+    image corpus, "views" (B, V, S, S, 3) uint8 in place of "cond".
 
     `source` is what `ray.train.get_dataset_shard("train")` returns, or a Dataset. Rows pass
     through a local shuffle buffer of `local_shuffle_buffer` rows when it is > 0 (it must hold at
@@ -609,6 +639,8 @@ def slat_batches(source, batch_size: int, *, device: Any = "cpu", drop_last: boo
         yield {
             "coords": torch.from_numpy(np.concatenate([index[:, None], flat], axis=1)).to(device),
             "feats": torch.from_numpy(np.concatenate(feats) if feats else np.zeros((0, 0), np.float32)).to(device),
-            "cond": torch.from_numpy(np.require(batch["cond"], np.float32, ["C", "W"])).to(device),
             "counts": torch.from_numpy(counts),
+            **({VIEWS_COLUMN: torch.from_numpy(np.require(batch[VIEWS_COLUMN], np.uint8, ["C", "W"])).to(device)}
+               if VIEWS_COLUMN in batch else
+               {"cond": torch.from_numpy(np.require(batch["cond"], np.float32, ["C", "W"])).to(device)}),
         }

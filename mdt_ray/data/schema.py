@@ -13,6 +13,10 @@ that list the folder skip names starting with `_`). Both carry JSON under the sc
 
 Readers compare every shard's header and column types with the corpus manifest and refuse a
 mismatch, naming the shard.
+
+The condition is either `cond`, float16 tokens (T, C) per asset, or, in an image corpus, `views`:
+V compressed condition images per asset (the manifest's `views`, `image_size`, `image_format`),
+which a frozen encoder on each training worker turns into tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ LATENT_SHAPE = (8, 16, 16, 16)  # C×D×H×W of TRELLIS's sparse-structure laten
 SLAT_CHANNELS = 8
 COLUMNS = ("asset_id", "ss_latent", "slat_coords", "slat_feats", "cond")
 STAGE_COLUMNS = {"ss": ("ss_latent", "cond"), "slat": ("slat_coords", "slat_feats", "cond")}
+# An image corpus stores, instead of `cond` tokens, `views`: V compressed condition images per
+# asset (TRELLIS's crop already applied), which a frozen encoder on the worker turns into tokens.
+VIEWS_COLUMN = "views"
 
 # TRELLIS's published SLAT normalisation (spec §1.2: configs/generation/slat_flow_img_dit_L_64l8p2
 # and the MDT-dist config give the same numbers). Used when an import has no stats.json.
@@ -60,17 +67,21 @@ def corpus_schema(
     *,
     latent_shape: Sequence[int] = LATENT_SHAPE,
     header: Optional[dict[str, Any]] = None,
+    views: int = 0,
 ) -> pa.Schema:
-    """The Arrow schema of a shard; `header` (JSON-able) goes under MANIFEST_KEY."""
+    """The Arrow schema of a shard; `header` (JSON-able) goes under MANIFEST_KEY. `views` > 0:
+    an image corpus, whose `views` column replaces `cond`."""
     latent_size = math.prod(latent_shape)
     cond_size = math.prod(cond_shape)
+    last = (pa.field(VIEWS_COLUMN, pa.list_(pa.binary(), views), nullable=False) if views
+            else pa.field("cond", pa.list_(pa.float16(), cond_size), nullable=False))
     schema = pa.schema(
         [
             pa.field("asset_id", pa.string(), nullable=False),
             pa.field("ss_latent", pa.list_(pa.float16(), latent_size), nullable=False),
             pa.field("slat_coords", pa.list_(pa.int16()), nullable=False),
             pa.field("slat_feats", pa.list_(pa.float16()), nullable=False),
-            pa.field("cond", pa.list_(pa.float16(), cond_size), nullable=False),
+            last,
         ]
     )
     if header is not None:
@@ -109,6 +120,11 @@ class Manifest:
     slat_mean: list[float] = field(default_factory=list)
     slat_std: list[float] = field(default_factory=list)
     slat_stats_from: str = "corpus"  # "corpus" (computed here) or where they came from
+    # Image corpora: views stored per asset (0: a token corpus), their side and format
+    # (mdt_ray.conditioning.FORMATS). Their cond_shape is (0, 0): the encoder makes the tokens.
+    views: int = 0
+    image_size: int = 0
+    image_format: str = ""
     uri: str = ""  # where it was read from; not stored
 
     # -- derived -------------------------------------------------------------------------------
@@ -120,6 +136,19 @@ class Manifest:
     def cond_size(self) -> int:
         return math.prod(self.cond_shape)
 
+    @property
+    def holds_images(self) -> bool:
+        return self.views > 0
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return tuple(VIEWS_COLUMN if c == "cond" and self.holds_images else c for c in COLUMNS)
+
+    def stage_columns(self, stage: str) -> tuple[str, ...]:
+        """The stored columns a stage reads: its latents and `cond` (tokens) or `views` (images)."""
+        cols = STAGE_COLUMNS[stage]
+        return tuple(VIEWS_COLUMN if c == "cond" and self.holds_images else c for c in cols)
+
     def shard_uris(self) -> list[str]:
         from mdt_ray.data.storage import join
 
@@ -127,7 +156,7 @@ class Manifest:
 
     def header(self) -> dict[str, Any]:
         """The part every shard carries (everything known before the first row)."""
-        return {
+        header = {
             "format_version": self.format_version,
             "latent_shape": list(self.latent_shape),
             "cond_shape": list(self.cond_shape),
@@ -136,10 +165,13 @@ class Manifest:
             "stages": list(self.stages),
             "source": self.source,
         }
+        if self.holds_images:  # token corpora keep the header they always had
+            header.update(views=self.views, image_size=self.image_size, image_format=self.image_format)
+        return header
 
     def schema(self, *, with_manifest: bool = False) -> pa.Schema:
         meta = self.to_json_dict() if with_manifest else self.header()
-        return corpus_schema(self.cond_shape, latent_shape=self.latent_shape, header=meta)
+        return corpus_schema(self.cond_shape, latent_shape=self.latent_shape, header=meta, views=self.views)
 
     def to_json_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -223,12 +255,16 @@ def expected_types(manifest: Manifest) -> dict[str, pa.DataType]:
         "slat_coords": pa.list_(pa.int16()),
         "slat_feats": pa.list_(pa.float16()),
         "cond": pa.list_(pa.float16(), manifest.cond_size),
+        VIEWS_COLUMN: pa.list_(pa.binary(), max(manifest.views, 1)),
     }
 
 
-def schema_problems(schema: pa.Schema, manifest: Manifest, columns: Sequence[str] = COLUMNS) -> list[str]:
-    """What is wrong with a shard's column types for `columns`, as sentences (empty: fine)."""
+def schema_problems(schema: pa.Schema, manifest: Manifest, columns: Optional[Sequence[str]] = None) -> list[str]:
+    """What is wrong with a shard's column types for `columns` (default: all the manifest's), as
+    sentences (empty: fine)."""
     want = expected_types(manifest)
+    if columns is None:
+        columns = manifest.columns
     problems = []
     for name in columns:
         idx = schema.get_field_index(name)

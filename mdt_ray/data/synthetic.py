@@ -14,6 +14,9 @@ distance functions and voxelised at 32³ (a voxel is occupied when the SDF at it
 - Conditioning: a 64×64 depth-and-Lambert shaded orthographic view from a fixed camera, cut into
   an 8×8 grid of 8×8 patches and mapped to 64 tokens × 64 dims by a frozen patch encoder (see
   `encode_cond`). It plays DINOv2's part with the same interface: T tokens × C dims per image.
+  An image corpus (`views` > 0 at build) stores instead V such views (the first from the default
+  camera, the others turned about the vertical axis by 360°/V each) as grey RGB images, so that
+  training runs the image path: decode, per-step view draw and a frozen encoder on the worker.
 
 Reproducibility: asset `i` of a corpus with seed `s` is drawn from `numpy.random.default_rng([s,
 i])`, so it does not depend on the shard count, the worker count or the order of generation.
@@ -360,6 +363,17 @@ def render_view(
     img = (0.25 + 0.75 * shade) * (1.0 - 0.45 * depth[first])
     img = np.where(seen, img, 0.0).astype(np.float32)
     return img.reshape(*lead, size, size)
+
+
+def view_images(occ: Array, views: int) -> list[Array]:
+    """`views` renders of one asset as (64, 64, 3) uint8 grey RGB: the cond view first, then the
+    camera turned about the vertical axis by 360°/views each time."""
+    out = []
+    for k in range(views):
+        grey = render_view(occ, azimuth=DEFAULT_AZIMUTH + 360.0 * k / views)
+        level = np.clip(np.rint(grey * 255.0), 0, 255).astype(np.uint8)
+        out.append(np.repeat(level[..., None], 3, axis=2))
+    return out
 
 
 # -- the frozen patch encoder --------------------------------------------------------------------

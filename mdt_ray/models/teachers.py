@@ -1,4 +1,5 @@
-"""Teachers and students: where `model.teacher` points, building it, freezing it, copying it.
+"""Teachers and students: where `model.teacher` points, building it, freezing it, copying it; and
+the frozen image encoder that sits beside the teacher on image corpora (`model.image_encoder`).
 
 `model.teacher` is a built-in size (`ss-demo`, ...) or a TRELLIS `<name>.json` path. Paths that do
 not exist from the working directory are also tried from the repository (or installed package)
@@ -111,6 +112,17 @@ def student_from(teacher: torch.nn.Module) -> torch.nn.Module:
     student = copy.deepcopy(teacher).float()
     student.requires_grad_(True)
     return student.train()
+
+
+def build_image_encoder(model_cfg, device: torch.device):
+    """The frozen image encoder of `model.image_encoder` on `device` (beside the teacher: eval, no
+    grad, bf16 on GPU when model.teacher_bf16), or None when none is configured."""
+    if not model_cfg.image_encoder:
+        return None
+    from mdt_ray.conditioning import ImageEncoder
+
+    encoder = ImageEncoder.from_checkpoint(from_root(model_cfg.image_encoder), arch=model_cfg.image_encoder_arch)
+    return encoder.freeze(device, bf16=model_cfg.teacher_bf16)
 
 
 def freeze(teacher: torch.nn.Module, device: torch.device, bf16: bool) -> torch.nn.Module:

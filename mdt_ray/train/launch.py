@@ -146,7 +146,7 @@ def check_compatible(cfg: Config, manifest) -> None:
             problems = [f"the teacher is a {spec['name']} (stage {teacher_stage.name!r}) but model.stage is "
                         f"{stage.name!r}"]
         else:
-            problems = stage.fit_problems(spec["args"], manifest)
+            problems = stage.fit_problems(spec["args"], manifest, cfg.model)
     if problems:
         raise RunError(f"model.teacher {cfg.model.teacher!r} (model.stage {stage.name!r}) does not fit the corpus "
                        f"data.uri {cfg.data.uri!r}: " + "; ".join(problems))

@@ -1,9 +1,10 @@
 """The Ray Train worker: the function each worker runs (Ray's `train_loop_per_worker`).
 
-Per worker: a frozen teacher and a (DDP) student on the same device, the worker's shard of the
-corpus, and the optimizer step of mdt_ray.engine; a report every `log_every` steps, a checkpoint
-every `checkpoint_every`, the in-training eval on rank 0, and at the end the EMA student in
-TRELLIS's format. Every rank runs the same fixed steps and calls `ray.train.report` at the same
+Per worker: a frozen teacher and a (DDP) student on the same device (on an image corpus also the
+frozen image encoder, which turns each batch's drawn view into its cond tokens inside the step),
+the worker's shard of the corpus, and the optimizer step of mdt_ray.engine; a report every
+`log_every` steps, a checkpoint every `checkpoint_every`, the in-training eval on rank 0, and at
+the end the EMA student in TRELLIS's format. Every rank runs the same fixed steps and calls `ray.train.report` at the same
 steps, so Ray's report barrier cannot deadlock; a non-finite loss on any rank, or non-finite
 weights after an update (or, before a checkpoint, weights whose outputs are non-finite), stops all
 ranks at the same step, and no checkpoint is written from such weights.
@@ -31,10 +32,11 @@ import torch
 import torch.distributed as dist
 from ray.train import UserCallback
 
+from mdt_ray.conditioning import ViewConditioner
 from mdt_ray.config import Config
 from mdt_ray.engine import Engine, StepTerms
 from mdt_ray.models import export_trellis
-from mdt_ray.models.teachers import build_teacher, freeze, student_from
+from mdt_ray.models.teachers import build_image_encoder, build_teacher, freeze, student_from
 from mdt_ray.objectives import NUM_T_BINS
 from mdt_ray.stages import Split, Stage, get_stage
 from mdt_ray.train.position import Batches, Position, ShardTooSmallError
@@ -110,12 +112,12 @@ def deterministic_cause(error: Optional[BaseException]) -> Optional[BaseExceptio
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _quiet_report_log()
     w = _worker(loop_config)
-    engine, teacher = _build(w)
+    engine, teacher, conditioner = _build(w)
     start_step, start = _restore(w, engine)
     # An injected failure fires only in an attempt started without a checkpoint: the restored one finishes.
     fail_at = w.cfg.run.inject_failure_at_step if start_step == 0 else None
     with _node_metrics(loop_config):
-        _train(w, engine, teacher, _batches(w, start), start_step, fail_at)
+        _train(w, engine, teacher, _batches(w, start), start_step, fail_at, conditioner)
     if w.logger is not None:
         w.logger.flush()
 
@@ -159,19 +161,30 @@ def _worker(loop_config: dict[str, Any]) -> Worker:
                   loop_config.get("manifest"), run_id, logger, split)
 
 
-def _build(w: Worker) -> tuple[Engine, torch.nn.Module]:
-    """The engine (student, its optimizer, EMA on rank 0) and the frozen teacher."""
+def _build(w: Worker) -> tuple[Engine, torch.nn.Module, Optional[ViewConditioner]]:
+    """The engine (student, its optimizer, EMA on rank 0), the frozen teacher and, on an image
+    corpus, the view conditioner around the frozen image encoder (outside DDP and the optimizer)."""
     import ray.train.torch
+
+    from mdt_ray.config import ConfigError
 
     teacher = build_teacher(w.cfg.model.teacher, seed=w.cfg.train.seed)
     student = student_from(teacher).to(w.device)
     teacher = freeze(teacher, w.device, w.cfg.model.teacher_bf16)
+    conditioner = None
+    if getattr(w.manifest, "views", 0):
+        encoder = build_image_encoder(w.cfg.model, w.device)
+        if encoder is None:
+            raise ConfigError(f"data.uri {w.cfg.data.uri!r} holds condition images but model.image_encoder is not set")
+        conditioner = ViewConditioner(encoder, seed=w.cfg.train.seed, rank=w.rank)
+        if w.eval_split is not None:
+            w.eval_split.encode_views(conditioner)
     ddp = None
     if w.world > 1:
         ddp = ray.train.torch.prepare_model(student, parallel_strategy_kwargs={"find_unused_parameters": False})
     engine = Engine(student, teacher, stage=w.stage, distill=w.cfg.distill, train=w.cfg.train, rank=w.rank,
                     forward_model=ddp, keep_ema=(w.rank == 0))
-    return engine, teacher
+    return engine, teacher, conditioner
 
 
 def _restore(w: Worker, engine: Engine) -> tuple[int, Position]:
@@ -287,13 +300,16 @@ def _data_progress(shard: Any, wait_s: float = 10.0) -> str:
 
 
 def _train(w: Worker, engine: Engine, teacher: torch.nn.Module, batches: Batches, start_step: int,
-           fail_at: Optional[int]) -> None:
+           fail_at: Optional[int], conditioner: Optional[ViewConditioner] = None) -> None:
     tc = w.cfg.train
     window = _Window(w.device)
     last_eval: dict[str, float] = {}
     try:
         for step in range(start_step, tc.steps):
             batch = next(batches)
+            if conditioner is not None:
+                # The view of each sample is drawn from (seed, rank, step): a resumed run redraws it.
+                batch = conditioner(batch, step)
             if step == fail_at and w.rank == w.world - 1:
                 raise RuntimeError(f"injected failure at step {step} (run.inject_failure_at_step)")
             measured = engine.forward_backward(batch, step)
