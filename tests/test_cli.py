@@ -61,6 +61,9 @@ def test_top_level_help_and_version_load_no_heavy_library():
     seen = probe("distill", "--help")
     assert "mdt_ray.cli.distill" in seen["commands"] and "mdt_ray.cli.sweep" not in seen["commands"]
     assert not set(seen["loaded"]) & set(HEAVY), seen["loaded"]
+    for argv in (("corpus", "--help"), ("corpus", "import-trellis", "--help"), ("sweep", "--help")):
+        seen = probe(*argv)
+        assert not set(seen["loaded"]) & set(HEAVY), (argv, seen["loaded"])
 
 
 def test_version_is_the_package_version(capsys):

@@ -58,7 +58,7 @@ def add_import_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_trellis_options(p: argparse.ArgumentParser) -> None:
     """What to import from a TRELLIS root and how to filter it."""
-    from mdt_ray.data import trellis_import as ti
+    from mdt_ray.data import trellis_defaults as ti
 
     p.add_argument("--ss-model", default=None, help=f"ss_latents/<name> (default: the only one, or {ti.DEFAULT_SS_MODEL})")
     p.add_argument("--slat-model", default=None, help=f"latents/<name> (default: the only one, or {ti.DEFAULT_SLAT_MODEL})")

@@ -49,18 +49,20 @@ from mdt_ray.data.corpus import (
 from mdt_ray.data.schema import LATENT_SHAPE, SLAT_CHANNELS, CorpusError, Manifest
 from mdt_ray.data.storage import StorageTarget
 
-DEFAULT_SS_MODEL = "ss_enc_conv3d_16l8_fp16"
-DEFAULT_SLAT_MODEL = "dinov2_vitl14_reg_slat_enc_swin8_B_64l8_fp16"
-DEFAULT_COND_DIR = "cond_tokens"
-RENDERS_DIR = "renders_cond"
-# The stored views per asset and their encoding: the trade-off measured in docs/scaling.md.
-DEFAULT_VIEWS = 8
-DEFAULT_IMAGE_FORMAT = "webp-lossless"
-DEFAULT_IMAGE_QUALITY = 95
+from mdt_ray.data.trellis_defaults import (  # noqa: F401  (re-exported: the import's defaults)
+    DEFAULT_COND_DIR,
+    DEFAULT_IMAGE_FORMAT,
+    DEFAULT_IMAGE_QUALITY,
+    DEFAULT_SLAT_MODEL,
+    DEFAULT_SS_MODEL,
+    DEFAULT_VIEWS,
+    MAX_VOXELS,
+    MIN_AESTHETIC,
+    RENDERS_DIR,
+)
+
 _VIEW_BYTES_GUESS = 190_000  # row-size estimate (a lossless 518² view, docs/scaling.md) for shard sizing only
 SLAT_RESOLUTION = 64
-MAX_VOXELS = 32768  # TRELLIS's max_num_voxels (both SLAT configs)
-MIN_AESTHETIC = 4.5  # both MDT-dist configs
 _COND_KEYS = ("tokens", "cond", "features", "patchtokens")
 _ROWS_PER_CHUNK = 16
 
