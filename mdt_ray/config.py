@@ -118,6 +118,11 @@ class TrainConfig(_Block):
     # A worker that waits this long for its next batch stops with an error saying where it
     # waits, instead of hanging (Ray Data starved of CPUs, a silent store); 0 waits forever.
     batch_timeout_s: float = Field(300.0, ge=0)
+    # A checkpoint upload still running after this long means a store that stopped answering
+    # mid-upload (the SDK's own timeouts do not end it): the worker stops, and the run restarts
+    # from its last complete checkpoint. Raise it for checkpoints that take longer on your link
+    # (a 9 GB TRELLIS-L checkpoint at 100 MB/s takes 90 s); 0 waits forever.
+    upload_timeout_s: float = Field(600.0, ge=0)
 
     @model_validator(mode="after")
     def _split_divides(self) -> "TrainConfig":

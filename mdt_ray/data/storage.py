@@ -275,15 +275,16 @@ class StorageTarget:
         )
         return fs, bare_path(self.uri)
 
-    def probe(self, *, timeout: float = PROBE_TIMEOUT_S) -> None:
+    def probe(self, *, timeout: float = PROBE_TIMEOUT_S, fresh: bool = False) -> None:
         """Fail fast, naming the endpoint, when a custom S3 endpoint does not answer HTTP.
 
-        Only custom endpoints are probed (AWS itself is assumed up), once per process and endpoint.
+        Only custom endpoints are probed (AWS itself is assumed up), once per process and endpoint
+        unless `fresh` (before each checkpoint upload: the store may have gone away since).
         """
         if not self.is_s3:
             return
         settings = self.settings()
-        if not settings.endpoint_url or settings.endpoint_url in _probed:
+        if not settings.endpoint_url or (settings.endpoint_url in _probed and not fresh):
             return
         bucket, _ = split_s3(self.uri)
         parts = urlsplit(settings.endpoint_url)

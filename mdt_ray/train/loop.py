@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import sys
 import threading
@@ -34,6 +35,7 @@ from ray.train import UserCallback
 
 from mdt_ray.conditioning import ViewConditioner
 from mdt_ray.config import Config
+from mdt_ray.data.storage import StorageTarget
 from mdt_ray.engine import Engine, StepTerms
 from mdt_ray.models import export_trellis
 from mdt_ray.models.teachers import build_image_encoder, build_teacher, freeze, student_from
@@ -194,6 +196,8 @@ def _restore(w: Worker, engine: Engine) -> tuple[int, Position]:
     import ray.train
 
     offered = ray.train.get_checkpoint()
+    # A restart after the store went silent fails here in seconds instead of hanging on the list.
+    StorageTarget.from_data_config(w.cfg.data, w.cfg.run.storage_path).probe(fresh=True)
     w.taken.update(w.run_dir.checkpoint_names())
     found = latest_complete(w.run_dir, w.device)
     if found is None and offered is not None:
@@ -427,8 +431,13 @@ def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[Path], done: 
     if ckpt_dir is None:
         ray.train.report(metrics)
         return
-    ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
-                     checkpoint_dir_name=_checkpoint_name(w, done))
+    store = StorageTarget.from_data_config(w.cfg.data, w.cfg.run.storage_path)
+    # A store that went silent since the last upload is found here in seconds (a bounded HTTP
+    # request), not by an upload that never ends; one that goes silent mid-upload, by the watchdog.
+    store.probe(fresh=True)
+    with _upload_watchdog(done, store.describe(), w.cfg.train.upload_timeout_s):
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
+                         checkpoint_dir_name=_checkpoint_name(w, done))
     if done == w.cfg.train.steps and w.logger is not None:
         w.logger.flush()
         w.logger.log_artifacts(ckpt_dir / "trellis", "student")
@@ -502,6 +511,32 @@ def _all_reduce(values: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values, op=op)
     return values
+
+
+@contextlib.contextmanager
+def _upload_watchdog(step: int, where: str, timeout_s: float):
+    """Stop this worker process when the block (a checkpoint upload) outlasts `timeout_s`: an
+    upload into a store that stopped answering blocks inside the AWS SDK for many minutes, and
+    no exception can interrupt it. Ray Train then restarts the workers from the last complete
+    checkpoint (train/state.py); an upload cut short this way is never taken as complete."""
+    if not timeout_s:
+        yield
+        return
+
+    def fire() -> None:
+        _say(f"checkpoint upload of step {step} to {where} has not finished after {timeout_s:g} s "
+             "(train.upload_timeout_s): the store stopped answering; stopping this worker so that the run "
+             "restarts from its last complete checkpoint")
+        sys.stderr.flush()
+        os._exit(70)
+
+    timer = threading.Timer(timeout_s, fire)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _say(line: str) -> None:

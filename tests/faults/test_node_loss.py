@@ -31,8 +31,8 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-def _node_ports() -> list[str]:
-    agent, agent_grpc, metrics, rt_env, manager, objects = _free_ports(6)
+def _node_ports(manager: int) -> list[str]:
+    agent, agent_grpc, metrics, rt_env, objects = _free_ports(5)
     # Each node of its own ports: several raylets share this host (and the test session's Ray).
     return [f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={rt_env}",
@@ -41,12 +41,14 @@ def _node_ports() -> list[str]:
 
 class LocalCluster:
     def __init__(self, root: Path, env: dict):
-        self.root, self.env, self.procs = root, env, {}
+        self.root, self.env, self.procs, self.managers = root, env, {}, {}
         self.gcs, self.dash = _free_ports(2)
 
     def start(self, name: str, *args: str) -> None:
-        log = open(self.root / f"{name}.log", "w")
-        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *args, *_node_ports()]
+        log = open(self.root / f"{name}.log", "a")
+        (self.managers[name],) = _free_ports(1)
+        cmd = [str(BIN / "ray"), "start", "--block", "--node-ip-address=127.0.0.1", *args,
+               *_node_ports(self.managers[name])]
         self.procs[name] = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
 
@@ -67,6 +69,15 @@ class LocalCluster:
         return [a.__dict__ if hasattr(a, "__dict__") else dict(a) for a in found]
 
     def kill(self, name: str) -> None:
+        """SIGKILL the node's raylet (found by its own node-manager port; Ray starts it in a
+        session of its own) and its `ray start`: what a lost machine looks like to the cluster."""
+        port = f"--node_manager_port={self.managers[name]}"
+        for pid in os.listdir("/proc"):
+            try:
+                if pid.isdigit() and port in Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    os.kill(int(pid), signal.SIGKILL)
+            except (OSError, ProcessLookupError):
+                continue
         os.killpg(self.procs[name].pid, signal.SIGKILL)
 
     def stop(self) -> None:
@@ -119,7 +130,9 @@ def test_trial_drivers_run_on_the_head_and_a_lost_node_loses_no_trial(cluster, f
               f"tracking.uri=sqlite:///{db}", f"sweep.storage_path={tmp_path}/sweeps", "sweep.metric=loss",
               "sweep.scheduler.type=none", 'sweep.space={"distill.lambda_vd": {"grid": [0.5, 1.0]}}'):
         cmd += ["--set", s]
-    env = {**cluster.env, "RAY_ADDRESS": f"127.0.0.1:{cluster.gcs}"}
+    # No log deduplication: Ray folds "step 4/14 ..." into an earlier "step 2/14 ..." line
+    # ("[repeated 3x across cluster]"), and the test waits for that step.
+    env = {**cluster.env, "RAY_ADDRESS": f"127.0.0.1:{cluster.gcs}", "RAY_DEDUP_LOGS": "0"}
     log = tmp_path / "sweep.log"
     with open(log, "w") as out:
         sweep = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -128,7 +141,7 @@ def test_trial_drivers_run_on_the_head_and_a_lost_node_loses_no_trial(cluster, f
         head = next(i for i, n in nodes.items() if n["resources_total"].get("mdt_trial_driver"))
         by_name = {name: i for i, n in nodes.items() for name in ("w1", "w2") if n["resources_total"].get(name)}
         deadline = time.monotonic() + 400
-        while "step 4/14" not in log.read_text():
+        while "[mdt-ray] step 4/14 " not in log.read_text():
             assert sweep.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
             time.sleep(1)
         workers = cluster.actors("RayTrainWorker")

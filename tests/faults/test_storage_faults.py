@@ -34,9 +34,26 @@ def _last_error(text: str) -> str:
     return lines[-1]
 
 
+def _stop_store_and_wait(server: LocalS3, proc: subprocess.Popen, log, run: str) -> tuple[float, str]:
+    """Stop the S3 server under the running job; (seconds until it failed, its error line)."""
+    server.stop()
+    t0 = time.monotonic()
+    code = proc.wait(DETECT_LIMIT_S + 120)
+    took = time.monotonic() - t0
+    text = log.read_text()
+    assert code == 1, text[-4000:]
+    error = _last_error(text)
+    assert run in error and "failed" in error, error
+    assert took < DETECT_LIMIT_S, f"{took:.0f} s: {error}"
+    return took, error
+
+
 @pytest.fixture
-def own_s3():
+def own_s3(monkeypatch):
+    """A moto server of the test's own (so it can be stopped), and AWS_* pointing at it here too."""
     server = LocalS3().start()
+    for key, value in server.env().items():
+        monkeypatch.setenv(key, value)
     yield server
     server.stop()
 
@@ -47,22 +64,14 @@ def test_the_store_stopped_during_checkpoint_uploads(fault_env, fault_corpus, ow
     cmd = job_cmd(fault_corpus, tmp_path, "upload-fault", f"run.storage_path=s3://{bucket}/runs")
     proc = _run_until(cmd, env, tmp_path / "run.log", "checkpoint_00000004")
     port = int(own_s3.endpoint.rsplit(":", 1)[1])
-    own_s3.stop()
-    t0 = time.monotonic()
-    code = proc.wait(DETECT_LIMIT_S + 120)
-    took = time.monotonic() - t0
-    text = (tmp_path / "run.log").read_text()
-    assert code == 1, text[-4000:]
-    error = _last_error(text)
-    assert "upload-fault" in error and "failed" in error, error
-    assert took < DETECT_LIMIT_S, f"{took:.0f} s: {error}"
+    took, error = _stop_store_and_wait(own_s3, proc, tmp_path / "run.log", "upload-fault")
     # The store comes back: the checkpoint written before it went is whole and loadable.
     restarted = LocalS3(port=port).start()
     try:
         from mdt_ray.data.storage import StorageTarget
         from mdt_ray.train.state import RunDir, latest_complete
 
-        fs, path = StorageTarget(f"s3://{bucket}/runs/upload-fault").pyarrow_fs()
+        fs, path = StorageTarget(f"s3://{bucket}/runs/upload-fault", endpoint_url=restarted.endpoint).pyarrow_fs()
         restored = latest_complete(RunDir(fs, path))
         assert restored is not None and restored.state["meta"]["step"] >= 4
     finally:
@@ -76,29 +85,10 @@ def test_the_store_stopped_while_the_corpus_is_read(fault_env, own_s3, tmp_path)
 
     bucket = own_s3.create_bucket()
     env = {**fault_env, **own_s3.env()}
-    import os
-
-    saved = {k: os.environ.get(k) for k in own_s3.env()}
-    os.environ.update(own_s3.env())
-    try:
-        build_synthetic(StorageTarget(f"s3://{bucket}/corpus"), 32, seed=0, rows_per_shard=4, progress=False)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    build_synthetic(StorageTarget(f"s3://{bucket}/corpus"), 32, seed=0, rows_per_shard=4, progress=False)
     cmd = job_cmd(f"s3://{bucket}/corpus", tmp_path, "read-fault")
     proc = _run_until(cmd, env, tmp_path / "run.log", "checkpoint_00000004")
-    own_s3.stop()
-    t0 = time.monotonic()
-    code = proc.wait(DETECT_LIMIT_S + 120)
-    took = time.monotonic() - t0
-    text = (tmp_path / "run.log").read_text()
-    assert code == 1, text[-4000:]
-    error = _last_error(text)
-    assert "read-fault" in error and "failed" in error, error
-    assert took < DETECT_LIMIT_S, f"{took:.0f} s: {error}"
+    took, error = _stop_store_and_wait(own_s3, proc, tmp_path / "run.log", "read-fault")
     from mdt_ray.train.state import load_checkpoint
 
     assert load_checkpoint(tmp_path / "runs" / "read-fault" / "checkpoint_00000004")["meta"]["step"] == 4
