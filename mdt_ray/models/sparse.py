@@ -398,25 +398,109 @@ def neighbour_pairs(x: SparseBatch) -> list[tuple[Tensor, Tensor]]:
     return pairs
 
 
+def neighbour_table(x: SparseBatch) -> Tensor:
+    """(27, N) int64: row s holds, for every voxel, the row of its slot-s neighbour, or N (a zero
+    row appended to the features) where that neighbour is inactive. Cached on the layout."""
+    cached = x._layout.cache.get("subm3_table")
+    if cached is not None:
+        return cached
+    n = x.num_voxels
+    table = torch.full((27, n), n, dtype=torch.long, device=x.coords.device)
+    for slot, (out_rows, in_rows) in enumerate(neighbour_pairs(x)):
+        table[slot, out_rows] = in_rows
+    x._layout.cache["subm3_table"] = table
+    return table
+
+
+def _gather_conv(feats: Tensor, slots: Tensor, table: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Σ_s feats[table[s]] · slots[s]ᵀ (+ bias), slots (27, out, in), centre slot first.
+
+    Every output row is written by dense row-wise ops only: a gather, a GEMM and an add per
+    slot, no scatter. Missing neighbours read the appended zero row, whose product is an exact
+    zero, so the sum equals the pair-list formulation in the same slot order bit for bit.
+    """
+    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+    out = F.linear(feats, slots[_CENTRE], bias)
+    for slot in range(27):
+        if slot != _CENTRE:
+            out += F.linear(padded.index_select(0, table[slot]), slots[slot])
+    return out
+
+
+class _SubMConv(torch.autograd.Function):
+    """The convolution with gather-only backward and forward-mode rules.
+
+    Autograd's own backward of the gathers would be scatter-adds (`index_add`), which on a
+    contended 2-core CPU were 10–50× slower with 2 threads than with 1 (docs/performance.md),
+    and it would keep every slot's gathered input alive. The submanifold neighbour relation is
+    symmetric (slot s of voxel i is voxel j ⇔ slot 26 − s of voxel j is voxel i), so the input
+    gradient is the same gather-GEMM with the mirrored, transposed kernel; the weight gradient
+    regathers the input slot by slot.
+    """
+
+    @staticmethod
+    def forward(feats, slots, bias, table):
+        return _gather_conv(feats, slots, table, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        feats, slots, bias, table = inputs
+        ctx.save_for_backward(feats, slots, table)
+        ctx.save_for_forward(feats, slots, table)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        feats, slots, table = ctx.saved_tensors
+        grad_feats = grad_slots = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            mirrored = slots.flip(0).transpose(1, 2)
+            grad_feats = _SubMConv.apply(grad, mirrored, None, table)
+        if ctx.needs_input_grad[1]:
+            padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+            grad_t = grad.t()
+            grad_slots = torch.stack([grad_t @ padded.index_select(0, table[s]) for s in range(27)])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=0)
+        return grad_feats, grad_slots, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, feats_t, slots_t, bias_t, _table_t):
+        feats, slots, table = ctx.saved_tensors
+        # Bilinear in (feats, slots), affine in bias.
+        out = None
+        if feats_t is not None:
+            out = _SubMConv.apply(feats_t, slots, None, table)
+        if slots_t is not None:
+            part = _SubMConv.apply(feats, slots_t, None, table)
+            out = part if out is None else out + part
+        if bias_t is not None:
+            out = bias_t.expand(feats.shape[0], -1) if out is None else out + bias_t
+        if out is None:
+            out = feats.new_zeros(feats.shape[0], slots.shape[1])
+        return out
+
+
 def submanifold_conv3d(x: SparseBatch, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """3³ submanifold convolution (output sites = input sites), weight (out, 3, 3, 3, in) →
-    feats (N, out). One gather-GEMM-scatter per kernel slot over the pairs that exist; within
-    a slot every output row appears at most once, so the scatter has no collisions and is
-    deterministic on GPU too."""
+    feats (N, out). Gathers through the cached neighbour table, one GEMM per kernel slot;
+    forward and backward are free of scatters, hence deterministic at any thread count and on
+    GPU."""
     if weight.dim() != 5 or weight.shape[1:4] != (3, 3, 3):
         raise ValueError(f"weight must be (out, 3, 3, 3, in), got {tuple(weight.shape)}")
     if x.feats.shape[1] != weight.shape[4]:
         raise ValueError(f"conv expects {weight.shape[4]} input channels, feats have {x.feats.shape[1]}")
-    pairs = neighbour_pairs(x)
-    w = weight.flatten(1, 3)  # (out, 27, in); slot = 9i + 3j + k
+    table = neighbour_table(x)
     f = x.feats
-    out = F.linear(f, w[:, _CENTRE], bias)
-    for slot, (out_rows, in_rows) in enumerate(pairs):
-        if slot == _CENTRE or out_rows.numel() == 0:
-            continue
-        contrib = F.linear(f.index_select(0, in_rows), w[:, slot])
-        out = out.index_add(0, out_rows, contrib.to(out.dtype))
-    return out
+    device_type = f.device.type
+    if torch.is_autocast_enabled(device_type):
+        # A custom Function is opaque to autocast: cast here as F.linear would have.
+        dtype = torch.get_autocast_dtype(device_type)
+        f, weight = f.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    slots = weight.flatten(1, 3).transpose(0, 1)  # (27, out, in); slot = 9i + 3j + k
+    with torch.autocast(device_type, enabled=False):
+        return _SubMConv.apply(f, slots, bias, table)
 
 
 class SubMConv3d(nn.Module):
