@@ -44,16 +44,23 @@ def test_forward_is_bitwise_the_pair_list_result():
     assert torch.equal(submanifold_conv3d(x, w), pair_list_conv(x, w, None))
 
 
-def test_table_marks_missing_neighbours_with_the_zero_row_and_is_symmetric():
+def test_map_points_missing_neighbours_at_the_zero_row_and_is_symmetric():
     x = voxels([50, 30], res=6, seed=2, channels=4)
-    table = neighbour_table(x)
+    cmap = neighbour_table(x)
     n = x.num_voxels
-    assert table.shape == (27, n) and neighbour_table(x.replace(x.feats + 1)) is table
-    assert torch.equal(table[_CENTRE], torch.arange(n))
+    assert cmap.table.shape == (27, n) and neighbour_table(x.replace(x.feats + 1)) is cmap
+    assert bool((cmap.table[_CENTRE] == cmap.pairs).all())  # the centre is not in the products table
+    pairs = neighbour_pairs(x)
     for s in range(27):
-        hit = table[s] < n
+        if s == _CENTRE:
+            continue
+        out_rows, in_rows = pairs[s]
+        hit = cmap.table[s] < cmap.pairs
+        assert torch.equal(torch.arange(n)[hit], out_rows)
+        assert torch.equal(cmap.table[s][out_rows], torch.arange(cmap.offsets[s], cmap.offsets[s + 1]))
         # slot s of i is j  ⇔  slot 26 − s of j is i: what the input gradient relies on
-        assert torch.equal(table[26 - s][table[s][hit]], torch.arange(n)[hit])
+        back_out, back_in = pairs[26 - s]
+        assert sorted(zip(in_rows.tolist(), out_rows.tolist())) == sorted(zip(back_out.tolist(), back_in.tolist()))
 
 
 def test_gradients_match_finite_differences():

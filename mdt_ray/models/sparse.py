@@ -398,32 +398,57 @@ def neighbour_pairs(x: SparseBatch) -> list[tuple[Tensor, Tensor]]:
     return pairs
 
 
-def neighbour_table(x: SparseBatch) -> Tensor:
-    """(27, N) int64: row s holds, for every voxel, the row of its slot-s neighbour, or N (a zero
-    row appended to the features) where that neighbour is inactive. Cached on the layout."""
-    cached = x._layout.cache.get("subm3_table")
-    if cached is not None:
-        return cached
-    n = x.num_voxels
-    table = torch.full((27, n), n, dtype=torch.long, device=x.coords.device)
-    for slot, (out_rows, in_rows) in enumerate(neighbour_pairs(x)):
-        table[slot, out_rows] = in_rows
-    x._layout.cache["subm3_table"] = table
-    return table
+class _ConvMap:
+    """The 3³ neighbour structure in the form the convolution consumes, built once per coords.
 
-
-def _gather_conv(feats: Tensor, slots: Tensor, table: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """Σ_s feats[table[s]] · slots[s]ᵀ (+ bias), slots (27, out, in), centre slot first.
-
-    Every output row is written by dense row-wise ops only: a gather, a GEMM and an add per
-    slot, no scatter. Missing neighbours read the appended zero row, whose product is an exact
-    zero, so the sum equals the pair-list formulation in the same slot order bit for bit.
+    For each kernel slot s ≠ centre: `in_rows[s]` / `out_rows[s]` (the slot's pairs, out rows
+    ascending) and their start `offsets[s]` in one table of all slots' per-pair products;
+    `table` (27, N): the row of voxel i's slot-s product in that table, or its last row (zero)
+    where the neighbour is inactive.
     """
-    padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
+
+    __slots__ = ("in_rows", "out_rows", "offsets", "pairs", "table")
+
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], n: int, device: torch.device):
+        self.out_rows = [o for o, _ in pairs]
+        self.in_rows = [i for _, i in pairs]
+        sizes = [0 if s == _CENTRE else o.numel() for s, o in enumerate(self.out_rows)]
+        self.offsets = [0, *itertools.accumulate(sizes)]
+        self.pairs = self.offsets[-1]
+        self.table = torch.full((27, n), self.pairs, dtype=torch.long, device=device)
+        for s, o in enumerate(self.out_rows):
+            if s != _CENTRE:
+                self.table[s, o] = torch.arange(self.offsets[s], self.offsets[s + 1], device=device)
+
+
+def neighbour_table(x: SparseBatch) -> _ConvMap:
+    """The cached `_ConvMap` of `x`'s coordinates."""
+    cached = x._layout.cache.get("subm3_map")
+    if cached is None:
+        cached = _ConvMap(neighbour_pairs(x), x.num_voxels, x.coords.device)
+        x._layout.cache["subm3_map"] = cached
+    return cached
+
+
+def _gather_conv(feats: Tensor, slots: Tensor, cmap: _ConvMap, bias: Optional[Tensor]) -> Tensor:
+    """Σ_s slot-s neighbour features · slots[s]ᵀ (+ bias), slots (27, out, in).
+
+    One GEMM per slot over the pairs that exist (no wasted products on a thin surface, where a
+    voxel has ~7 of 26 neighbours), written into one products table; each output row then sums
+    its products by gathering them through `cmap.table`, the centre first and the slots in
+    order. No scatter: deterministic at any thread count, and bit for bit the sum of the
+    pair-list scatter it replaced (a missing neighbour gathers the zero row, an exact zero).
+    """
+    products = feats.new_empty(cmap.pairs + 1, slots.shape[1])
+    products[-1].zero_()
+    for s in range(27):
+        a, b = cmap.offsets[s], cmap.offsets[s + 1]
+        if b > a:
+            torch.mm(feats.index_select(0, cmap.in_rows[s]), slots[s].t(), out=products[a:b])
     out = F.linear(feats, slots[_CENTRE], bias)
-    for slot in range(27):
-        if slot != _CENTRE:
-            out += F.linear(padded.index_select(0, table[slot]), slots[slot])
+    for s in range(27):
+        if cmap.offsets[s + 1] > cmap.offsets[s]:
+            out += products.index_select(0, cmap.table[s])
     return out
 
 
@@ -431,48 +456,54 @@ class _SubMConv(torch.autograd.Function):
     """The convolution with gather-only backward and forward-mode rules.
 
     Autograd's own backward of the gathers would be scatter-adds (`index_add`), which on a
-    contended 2-core CPU were 10–50× slower with 2 threads than with 1 (docs/performance.md),
+    contended 2-core CPU ran many times slower with 2 threads than with 1 (docs/performance.md),
     and it would keep every slot's gathered input alive. The submanifold neighbour relation is
     symmetric (slot s of voxel i is voxel j ⇔ slot 26 − s of voxel j is voxel i), so the input
     gradient is the same gather-GEMM with the mirrored, transposed kernel; the weight gradient
-    regathers the input slot by slot.
+    regathers both sides of each slot's pairs.
     """
 
     @staticmethod
-    def forward(feats, slots, bias, table):
-        return _gather_conv(feats, slots, table, bias)
+    def forward(feats, slots, bias, cmap):
+        return _gather_conv(feats, slots, cmap, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        feats, slots, bias, table = inputs
-        ctx.save_for_backward(feats, slots, table)
-        ctx.save_for_forward(feats, slots, table)
+        feats, slots, bias, cmap = inputs
+        ctx.save_for_backward(feats, slots)
+        ctx.save_for_forward(feats, slots)
+        ctx.cmap = cmap
         ctx.has_bias = bias is not None
 
     @staticmethod
     def backward(ctx, grad):
-        feats, slots, table = ctx.saved_tensors
+        feats, slots = ctx.saved_tensors
+        cmap = ctx.cmap
         grad_feats = grad_slots = grad_bias = None
         if ctx.needs_input_grad[0]:
-            mirrored = slots.flip(0).transpose(1, 2)
-            grad_feats = _SubMConv.apply(grad, mirrored, None, table)
+            mirrored = slots.flip(0).transpose(1, 2).contiguous()
+            grad_feats = _SubMConv.apply(grad, mirrored, None, cmap)
         if ctx.needs_input_grad[1]:
-            padded = torch.cat([feats, feats.new_zeros(1, feats.shape[1])])
-            grad_t = grad.t()
-            grad_slots = torch.stack([grad_t @ padded.index_select(0, table[s]) for s in range(27)])
+            grad_slots = slots.new_zeros(slots.shape)
+            for s in range(27):
+                if s == _CENTRE:
+                    torch.mm(grad.t(), feats, out=grad_slots[s])
+                elif cmap.in_rows[s].numel():
+                    torch.mm(grad.index_select(0, cmap.out_rows[s]).t(), feats.index_select(0, cmap.in_rows[s]),
+                             out=grad_slots[s])
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad.sum(dim=0)
         return grad_feats, grad_slots, grad_bias, None
 
     @staticmethod
-    def jvp(ctx, feats_t, slots_t, bias_t, _table_t):
-        feats, slots, table = ctx.saved_tensors
+    def jvp(ctx, feats_t, slots_t, bias_t, _cmap_t):
+        feats, slots = ctx.saved_tensors
         # Bilinear in (feats, slots), affine in bias.
         out = None
         if feats_t is not None:
-            out = _SubMConv.apply(feats_t, slots, None, table)
+            out = _SubMConv.apply(feats_t, slots, None, ctx.cmap)
         if slots_t is not None:
-            part = _SubMConv.apply(feats, slots_t, None, table)
+            part = _SubMConv.apply(feats, slots_t, None, ctx.cmap)
             out = part if out is None else out + part
         if bias_t is not None:
             out = bias_t.expand(feats.shape[0], -1) if out is None else out + bias_t
@@ -483,14 +514,14 @@ class _SubMConv(torch.autograd.Function):
 
 def submanifold_conv3d(x: SparseBatch, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """3³ submanifold convolution (output sites = input sites), weight (out, 3, 3, 3, in) →
-    feats (N, out). Gathers through the cached neighbour table, one GEMM per kernel slot;
-    forward and backward are free of scatters, hence deterministic at any thread count and on
-    GPU."""
+    feats (N, out). One GEMM per kernel slot over its pairs, summed per output row by
+    gathers through the cached neighbour table; forward and backward are free of scatters,
+    hence deterministic at any thread count and on GPU."""
     if weight.dim() != 5 or weight.shape[1:4] != (3, 3, 3):
         raise ValueError(f"weight must be (out, 3, 3, 3, in), got {tuple(weight.shape)}")
     if x.feats.shape[1] != weight.shape[4]:
         raise ValueError(f"conv expects {weight.shape[4]} input channels, feats have {x.feats.shape[1]}")
-    table = neighbour_table(x)
+    cmap = neighbour_table(x)
     f = x.feats
     device_type = f.device.type
     if torch.is_autocast_enabled(device_type):
@@ -498,9 +529,10 @@ def submanifold_conv3d(x: SparseBatch, weight: Tensor, bias: Optional[Tensor] = 
         dtype = torch.get_autocast_dtype(device_type)
         f, weight = f.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    slots = weight.flatten(1, 3).transpose(0, 1)  # (27, out, in); slot = 9i + 3j + k
+    # (27, out, in), slot = 9i + 3j + k; contiguous so that each slot is a plain row-major GEMM operand
+    slots = weight.flatten(1, 3).transpose(0, 1).contiguous()
     with torch.autocast(device_type, enabled=False):
-        return _SubMConv.apply(f, slots, bias, table)
+        return _SubMConv.apply(f, slots, bias, cmap)
 
 
 class SubMConv3d(nn.Module):
