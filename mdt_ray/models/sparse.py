@@ -14,6 +14,7 @@ attention.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -401,24 +402,44 @@ def neighbour_pairs(x: SparseBatch) -> list[tuple[Tensor, Tensor]]:
 class _ConvMap:
     """The 3³ neighbour structure in the form the convolution consumes, built once per coords.
 
-    For each kernel slot s ≠ centre: `in_rows[s]` / `out_rows[s]` (the slot's pairs, out rows
-    ascending) and their start `offsets[s]` in one table of all slots' per-pair products;
-    `table` (27, N): the row of voxel i's slot-s product in that table, or its last row (zero)
-    where the neighbour is inactive.
+    Products table layout: rows [0, N) hold each voxel's centre-slot product (+ bias), then for
+    each slot s ≠ centre its pairs' products from row N + `offsets[s]`, in the order of
+    `in_rows[s]` / `out_rows[s]` (out rows ascending); one last zero row. `table` (27, N): the
+    row of voxel i's slot-s product, or the zero row where that neighbour is inactive.
+    `sum_matrix(dtype)`: the same as a CSR (N, rows) 0/1 matrix, each row's entries centre
+    first, then slots in order.
     """
 
-    __slots__ = ("in_rows", "out_rows", "offsets", "pairs", "table")
+    __slots__ = ("n", "in_rows", "out_rows", "offsets", "rows", "table", "_csr")
 
     def __init__(self, pairs: list[tuple[Tensor, Tensor]], n: int, device: torch.device):
+        self.n = n
         self.out_rows = [o for o, _ in pairs]
         self.in_rows = [i for _, i in pairs]
         sizes = [0 if s == _CENTRE else o.numel() for s, o in enumerate(self.out_rows)]
         self.offsets = [0, *itertools.accumulate(sizes)]
-        self.pairs = self.offsets[-1]
-        self.table = torch.full((27, n), self.pairs, dtype=torch.long, device=device)
+        self.rows = n + self.offsets[-1] + 1
+        self.table = torch.full((27, n), self.rows - 1, dtype=torch.long, device=device)
+        self.table[_CENTRE] = torch.arange(n, device=device)
         for s, o in enumerate(self.out_rows):
             if s != _CENTRE:
-                self.table[s, o] = torch.arange(self.offsets[s], self.offsets[s + 1], device=device)
+                self.table[s, o] = torch.arange(n + self.offsets[s], n + self.offsets[s + 1], device=device)
+        self._csr: dict[torch.dtype, Tensor] = {}
+
+    def sum_matrix(self, dtype: torch.dtype) -> Tensor:
+        m = self._csr.get(dtype)
+        if m is None:
+            by_row = self.table.t()
+            hit = by_row < self.rows - 1
+            crow = torch.zeros(self.n + 1, dtype=torch.long, device=by_row.device)
+            crow[1:] = hit.sum(dim=1).cumsum(0)
+            col = by_row[hit]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                m = torch.sparse_csr_tensor(crow, col, torch.ones(col.numel(), dtype=dtype, device=col.device),
+                                            size=(self.n, self.rows), check_invariants=False)
+            self._csr[dtype] = m
+        return m
 
 
 def neighbour_table(x: SparseBatch) -> _ConvMap:
@@ -430,24 +451,36 @@ def neighbour_table(x: SparseBatch) -> _ConvMap:
     return cached
 
 
+def _csr_sums(t: Tensor) -> bool:
+    # MKL's CSR × dense on CPU has no fp16/bf16 kernel; cuSPARSE has.
+    return t.device.type == "cuda" or t.dtype in (torch.float32, torch.float64)
+
+
 def _gather_conv(feats: Tensor, slots: Tensor, cmap: _ConvMap, bias: Optional[Tensor]) -> Tensor:
     """Σ_s slot-s neighbour features · slots[s]ᵀ (+ bias), slots (27, out, in).
 
     One GEMM per slot over the pairs that exist (no wasted products on a thin surface, where a
     voxel has ~7 of 26 neighbours), written into one products table; each output row then sums
-    its products by gathering them through `cmap.table`, the centre first and the slots in
-    order. No scatter: deterministic at any thread count, and bit for bit the sum of the
-    pair-list scatter it replaced (a missing neighbour gathers the zero row, an exact zero).
+    its own products, centre (+ bias) first and the slots in order, by one CSR × dense product
+    (or, where that has no kernel, by gathers through `cmap.table`). No scatter anywhere:
+    deterministic at any thread count.
     """
-    products = feats.new_empty(cmap.pairs + 1, slots.shape[1])
+    n = cmap.n
+    products = feats.new_empty(cmap.rows, slots.shape[1])
     products[-1].zero_()
+    if bias is None:
+        torch.mm(feats, slots[_CENTRE].t(), out=products[:n])
+    else:
+        torch.addmm(bias, feats, slots[_CENTRE].t(), out=products[:n])
     for s in range(27):
-        a, b = cmap.offsets[s], cmap.offsets[s + 1]
+        a, b = n + cmap.offsets[s], n + cmap.offsets[s + 1]
         if b > a:
             torch.mm(feats.index_select(0, cmap.in_rows[s]), slots[s].t(), out=products[a:b])
-    out = F.linear(feats, slots[_CENTRE], bias)
+    if _csr_sums(products):
+        return cmap.sum_matrix(products.dtype) @ products
+    out = products[:n].clone()
     for s in range(27):
-        if cmap.offsets[s + 1] > cmap.offsets[s]:
+        if s != _CENTRE and cmap.offsets[s + 1] > cmap.offsets[s]:
             out += products.index_select(0, cmap.table[s])
     return out
 
