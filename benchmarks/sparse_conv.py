@@ -30,26 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks._common import shell_voxels, write_json  # noqa: E402
 from mdt_ray.models.sparse import _CENTRE, SparseBatch, neighbour_pairs, neighbour_table, submanifold_conv3d  # noqa: E402
 
 RES = 64
-
-
-def shell_voxels(count: int, seed: int = 0) -> torch.Tensor:
-    """About `count` voxels (exactly `count`, trimmed at random) of a bumpy sphere shell in 64³."""
-    g = torch.Generator().manual_seed(seed)
-    ax = torch.arange(RES, dtype=torch.float32)
-    grid = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
-    d = grid - (RES - 1) / 2
-    r = d.norm(dim=1)
-    # a lumpy radius so that the surface is not a perfect sphere
-    bump = 1 + 0.15 * torch.sin(3 * torch.atan2(d[:, 1], d[:, 0])) * torch.cos(2 * torch.acos((d[:, 2] / r.clamp(min=1e-6)).clamp(-1, 1)))
-    dist = (r - 0.38 * RES * bump).abs()
-    order = dist.argsort()
-    keep = order[:count]
-    keep = keep[torch.randperm(keep.numel(), generator=g)]
-    return grid[keep].int()
 
 
 def pair_list_conv(x: SparseBatch, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
