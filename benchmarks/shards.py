@@ -7,8 +7,8 @@ planning) and anything that keeps a per-shard entry in memory. This builds a bas
 each `--counts` shards, then reads each in a fresh child process with a fresh local Ray:
 
 - time to first batch: from reading the manifest to the first `torch_batches` batch
-  (manifest read + `verify_shards` footer checks + read planning + first block), with the
-  footer check timed apart;
+  (manifest read + `verify_shards` footer checks + `make_dataset`'s read planning + the
+  first block), with the footer check and `make_dataset` timed apart;
 - driver memory: peak private memory of the reading process;
 - per-worker memory: peak private memory of the largest Ray worker process during the epoch
   (`--epoch-rows` rows, default all);
@@ -18,7 +18,7 @@ Targets (issue 16): first batch sub-linear in the shard count and < 60 s at 6,00
 this machine; driver and worker memory flat in the count.
 
     python benchmarks/shards.py [--counts 100 1000 6000] [--base 100] [--epoch-rows N]
-        [--cpus 2] [--json out.json]
+        [--cpus 2] [--json out.json] [--plot out.png] [--replot out.json --plot out.png]
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ def child(uri: str, batch: int, cpus: int, epoch_rows: int) -> dict:
         verify_shards(manifest, STAGE_COLUMNS["ss"])
         t_verify = time.perf_counter()
         ds = make_dataset(uri, manifest=manifest, shuffle=True, seed=0, verify=False)
+        t_plan = time.perf_counter()
         rows, first = 0, None
         for b in torch_batches(ds, batch, drop_last=False):
             if first is None:
@@ -84,7 +85,7 @@ def child(uri: str, batch: int, cpus: int, epoch_rows: int) -> dict:
         t_end = time.perf_counter()
     ray.shutdown()
     return {"shards": len(manifest.shards), "rows": rows, "manifest_s": t_manifest - t0,
-            "verify_s": t_verify - t_manifest, "first_batch_s": first - t0, "epoch_s": t_end - t0,
+            "verify_s": t_verify - t_manifest, "make_dataset_s": t_plan - t_verify, "first_batch_s": first - t0, "epoch_s": t_end - t0,
             "driver_private_mib": mem.driver_kib / 1024, "worker_private_mib": mem.worker_kib / 1024}
 
 
@@ -122,10 +123,34 @@ def run(counts: list[int], base: int, batch: int, cpus: int, epoch_rows: int, lo
             r["loadavg"] = os.getloadavg()[0]
             res["runs"].append(r)
             log(f"[shards] {n:5d} shards: first batch {r['first_batch_s']:.1f} s (manifest {r['manifest_s']:.2f} s, "
-                f"footers {r['verify_s']:.1f} s), epoch of {r['rows']} rows {r['epoch_s']:.1f} s, driver "
+                f"footers {r['verify_s']:.1f} s, make_dataset {r['make_dataset_s']:.1f} s), epoch of {r['rows']} rows {r['epoch_s']:.1f} s, driver "
                 f"{r['driver_private_mib']:.0f} MiB, largest worker {r['worker_private_mib']:.0f} MiB, manifest "
                 f"{manifest_bytes / 1024:.0f} KiB (load {r['loadavg']:.1f})")
     return res
+
+
+def plot(res: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = res["runs"]
+    n = [r["shards"] for r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    axes[0].plot(n, [r["first_batch_s"] for r in runs], "o-", label="first batch")
+    axes[0].plot(n, [r["verify_s"] for r in runs], "s--", label="of which: footer checks")
+    axes[0].axhline(60, color="grey", lw=0.8, ls=":", label="target 60 s")
+    axes[0].set_xscale("log"), axes[0].set_xlabel("shards"), axes[0].set_ylabel("seconds")
+    axes[0].set_title("time to first batch"), axes[0].legend(fontsize=8)
+    axes[1].plot(n, [r["driver_private_mib"] for r in runs], "o-", label="driver")
+    axes[1].plot(n, [r["worker_private_mib"] for r in runs], "s-", label="largest Ray worker")
+    axes[1].set_xscale("log"), axes[1].set_xlabel("shards"), axes[1].set_ylabel("peak private MiB")
+    axes[1].set_title("memory during the epoch"), axes[1].legend(fontsize=8)
+    fig.suptitle("Ingest vs shard count (loopback S3, 2-core CPU)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"[bench] wrote {path}")
 
 
 def main(argv=None) -> dict:
@@ -136,6 +161,8 @@ def main(argv=None) -> dict:
     p.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray")
     p.add_argument("--epoch-rows", type=int, default=0, help="stop the epoch after this many rows (0: all)")
     p.add_argument("--json")
+    p.add_argument("--plot", help="write the plot here (PNG)")
+    p.add_argument("--replot", help="only redraw --plot from this earlier --json")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -143,8 +170,13 @@ def main(argv=None) -> dict:
         r = child(uri, int(batch), int(cpus), int(rows))
         print(json.dumps(r))
         return r
-    res = run(args.counts, args.base, args.batch, args.cpus, args.epoch_rows)
-    write_json(args.json, res)
+    if args.replot:
+        res = json.loads(Path(args.replot).read_text())
+    else:
+        res = run(args.counts, args.base, args.batch, args.cpus, args.epoch_rows)
+        write_json(args.json, res)
+    if args.plot:
+        plot(res, args.plot)
     return res
 
 
