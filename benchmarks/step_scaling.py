@@ -29,7 +29,7 @@ from mdt_ray.models.teachers import build_teacher, freeze, student_from  # noqa:
 from mdt_ray.stages import get_stage  # noqa: E402
 
 
-def plot(rows: list[dict], path: str) -> None:
+def plot(rows: list[dict], path: str, threads: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -43,17 +43,16 @@ def plot(rows: list[dict], path: str) -> None:
     axes[0].set_xscale("log", base=2), axes[0].set_yscale("log")
     axes[0].set_xlabel("batch size"), axes[0].set_ylabel("s / step"), axes[0].set_title("step time vs batch")
     axes[0].legend(fontsize=8)
-    per_model = {}
-    for r in rows:
-        per_model.setdefault(r["model"], r)  # smallest batch measured for each
-    ms = list(per_model.values())
+    # each model at the largest batch that every model ran (per-asset cost, fixed overheads shared)
+    common = max(set.intersection(*({r["batch"] for r in rows if r["model"] == m} for m in {r["model"] for r in rows})))
+    ms = [r for r in rows if r["batch"] == common]
     axes[1].plot([m["parameters"] for m in ms], [m["step_s"] / m["batch"] for m in ms], "s-")
     for m in ms:
         axes[1].annotate(f"{m['model']} (batch {m['batch']})", (m["parameters"], m["step_s"] / m["batch"]),
                          textcoords="offset points", xytext=(4, 4), fontsize=8)
     axes[1].set_xscale("log"), axes[1].set_yscale("log")
     axes[1].set_xlabel("parameters"), axes[1].set_ylabel("s / asset"), axes[1].set_title("step time per asset vs model")
-    fig.suptitle("MDT-dist step on CPU (fp32, 2 threads)", fontsize=10)
+    fig.suptitle(f"MDT-dist step on CPU (fp32, {threads} thread(s))", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"[bench] wrote {path}")
@@ -89,7 +88,7 @@ def main(argv=None) -> dict:
             print(f"[scaling] {model} ({params / 1e6:.1f} M) batch {b}: {step_s:.2f} s/step, "
                   f"{step_s / b:.2f} s/asset (load {r['load']:.1f})", flush=True)
     if args.plot:
-        plot(rows, args.plot)
+        plot(rows, args.plot, args.threads)
     res = {"threads": args.threads, "rows": rows}
     write_json(args.json, res)
     return res

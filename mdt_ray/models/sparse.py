@@ -548,8 +548,9 @@ class _SubMConv(torch.autograd.Function):
 def submanifold_conv3d(x: SparseBatch, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """3³ submanifold convolution (output sites = input sites), weight (out, 3, 3, 3, in) →
     feats (N, out). One GEMM per kernel slot over its pairs, summed per output row by
-    gathers through the cached neighbour table; forward and backward are free of scatters,
-    hence deterministic at any thread count and on GPU."""
+    gathers through the cached neighbour table; forward and backward are free of scatters and
+    atomics (repeatable run to run on CPU at any thread count; on CUDA the row sums are
+    cuSPARSE's CSR product, not yet checked for repeatability)."""
     if weight.dim() != 5 or weight.shape[1:4] != (3, 3, 3):
         raise ValueError(f"weight must be (out, 3, 3, 3, in), got {tuple(weight.shape)}")
     if x.feats.shape[1] != weight.shape[4]:
