@@ -452,8 +452,9 @@ def neighbour_table(x: SparseBatch) -> _ConvMap:
 
 
 def _csr_sums(t: Tensor) -> bool:
-    # MKL's CSR × dense on CPU has no fp16/bf16 kernel; cuSPARSE has.
-    return t.device.type == "cuda" or t.dtype in (torch.float32, torch.float64)
+    # MKL's CSR × dense on CPU has no fp16/bf16 kernel. Half precision (the bf16 autocast of
+    # GPU training) takes the gather sums everywhere, so no cuSPARSE path is in use untested.
+    return t.dtype in (torch.float32, torch.float64)
 
 
 def _gather_conv(feats: Tensor, slots: Tensor, cmap: _ConvMap, bias: Optional[Tensor]) -> Tensor:
@@ -549,8 +550,8 @@ def submanifold_conv3d(x: SparseBatch, weight: Tensor, bias: Optional[Tensor] = 
     """3³ submanifold convolution (output sites = input sites), weight (out, 3, 3, 3, in) →
     feats (N, out). One GEMM per kernel slot over its pairs, summed per output row by
     gathers through the cached neighbour table; forward and backward are free of scatters and
-    atomics (repeatable run to run on CPU at any thread count; on CUDA the row sums are
-    cuSPARSE's CSR product, not yet checked for repeatability)."""
+    atomics (bit-identical at any CPU thread count, checked; fp32 on CUDA would use cuSPARSE's
+    CSR product, whose repeatability is not yet checked)."""
     if weight.dim() != 5 or weight.shape[1:4] != (3, 3, 3):
         raise ValueError(f"weight must be (out, 3, 3, 3, in), got {tuple(weight.shape)}")
     if x.feats.shape[1] != weight.shape[4]:
