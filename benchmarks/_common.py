@@ -79,6 +79,23 @@ def random_batch(model: str, batch: int, generator) -> dict[str, Any]:
     return {"x0": x0, "cond": cond}
 
 
+def shell_voxels(count: int, res: int = 64, seed: int = 0):
+    """`count` voxels of a lumpy sphere shell in a res³ grid (a surface, as TRELLIS's SLAT voxels
+    are: ~7 of 26 neighbours active), in random order, (count, 3) int32."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ax = torch.arange(res, dtype=torch.float32)
+    grid = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), dim=-1).reshape(-1, 3)
+    d = grid - (res - 1) / 2
+    r = d.norm(dim=1)
+    phase = float(torch.rand((), generator=g)) * 6.283
+    polar = torch.acos((d[:, 2] / r.clamp(min=1e-6)).clamp(-1, 1))
+    bump = 1 + 0.15 * torch.sin(3 * torch.atan2(d[:, 1], d[:, 0]) + phase) * torch.cos(2 * polar)
+    keep = (r - 0.38 * res * bump).abs().argsort()[:count]
+    return grid[keep[torch.randperm(keep.numel(), generator=g)]].int()
+
+
 # -- /proc ---------------------------------------------------------------------------------------
 def stat_fields(path: str) -> Optional[list[str]]:
     """The fields after the command name of a /proc/<pid>[/task/<tid>]/stat file (the name, in

@@ -14,6 +14,7 @@ attention.
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -398,25 +399,175 @@ def neighbour_pairs(x: SparseBatch) -> list[tuple[Tensor, Tensor]]:
     return pairs
 
 
+class _ConvMap:
+    """The 3³ neighbour structure in the form the convolution consumes, built once per coords.
+
+    Products table layout: rows [0, N) hold each voxel's centre-slot product (+ bias), then for
+    each slot s ≠ centre its pairs' products from row N + `offsets[s]`, in the order of
+    `in_rows[s]` / `out_rows[s]` (out rows ascending); one last zero row. `table` (27, N): the
+    row of voxel i's slot-s product, or the zero row where that neighbour is inactive.
+    `sum_matrix(dtype)`: the same as a CSR (N, rows) 0/1 matrix, each row's entries centre
+    first, then slots in order.
+    """
+
+    __slots__ = ("n", "in_rows", "out_rows", "offsets", "rows", "table", "_csr")
+
+    def __init__(self, pairs: list[tuple[Tensor, Tensor]], n: int, device: torch.device):
+        self.n = n
+        self.out_rows = [o for o, _ in pairs]
+        self.in_rows = [i for _, i in pairs]
+        sizes = [0 if s == _CENTRE else o.numel() for s, o in enumerate(self.out_rows)]
+        self.offsets = [0, *itertools.accumulate(sizes)]
+        self.rows = n + self.offsets[-1] + 1
+        self.table = torch.full((27, n), self.rows - 1, dtype=torch.long, device=device)
+        self.table[_CENTRE] = torch.arange(n, device=device)
+        for s, o in enumerate(self.out_rows):
+            if s != _CENTRE:
+                self.table[s, o] = torch.arange(n + self.offsets[s], n + self.offsets[s + 1], device=device)
+        self._csr: dict[torch.dtype, Tensor] = {}
+
+    def sum_matrix(self, dtype: torch.dtype) -> Tensor:
+        m = self._csr.get(dtype)
+        if m is None:
+            by_row = self.table.t()
+            hit = by_row < self.rows - 1
+            crow = torch.zeros(self.n + 1, dtype=torch.long, device=by_row.device)
+            crow[1:] = hit.sum(dim=1).cumsum(0)
+            col = by_row[hit]
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                m = torch.sparse_csr_tensor(crow, col, torch.ones(col.numel(), dtype=dtype, device=col.device),
+                                            size=(self.n, self.rows), check_invariants=False)
+            self._csr[dtype] = m
+        return m
+
+
+def neighbour_table(x: SparseBatch) -> _ConvMap:
+    """The cached `_ConvMap` of `x`'s coordinates."""
+    cached = x._layout.cache.get("subm3_map")
+    if cached is None:
+        cached = _ConvMap(neighbour_pairs(x), x.num_voxels, x.coords.device)
+        x._layout.cache["subm3_map"] = cached
+    return cached
+
+
+def _csr_sums(t: Tensor) -> bool:
+    # MKL's CSR × dense on CPU has no fp16/bf16 kernel. Half precision (the bf16 autocast of
+    # GPU training) takes the gather sums everywhere, so no cuSPARSE path is in use untested.
+    return t.dtype in (torch.float32, torch.float64)
+
+
+def _gather_conv(feats: Tensor, slots: Tensor, cmap: _ConvMap, bias: Optional[Tensor]) -> Tensor:
+    """Σ_s slot-s neighbour features · slots[s]ᵀ (+ bias), slots (27, out, in).
+
+    One GEMM per slot over the pairs that exist (no wasted products on a thin surface, where a
+    voxel has ~7 of 26 neighbours), written into one products table; each output row then sums
+    its own products, centre (+ bias) first and the slots in order, by one CSR × dense product
+    (or, where that has no kernel, by gathers through `cmap.table`). No scatter anywhere:
+    deterministic at any thread count.
+    """
+    n = cmap.n
+    products = feats.new_empty(cmap.rows, slots.shape[1])
+    products[-1].zero_()
+    if bias is None:
+        torch.mm(feats, slots[_CENTRE].t(), out=products[:n])
+    else:
+        torch.addmm(bias, feats, slots[_CENTRE].t(), out=products[:n])
+    for s in range(27):
+        a, b = n + cmap.offsets[s], n + cmap.offsets[s + 1]
+        if b > a:
+            torch.mm(feats.index_select(0, cmap.in_rows[s]), slots[s].t(), out=products[a:b])
+    if _csr_sums(products):
+        return cmap.sum_matrix(products.dtype) @ products
+    out = products[:n].clone()
+    for s in range(27):
+        if s != _CENTRE and cmap.offsets[s + 1] > cmap.offsets[s]:
+            out += products.index_select(0, cmap.table[s])
+    return out
+
+
+class _SubMConv(torch.autograd.Function):
+    """The convolution with gather-only backward and forward-mode rules.
+
+    Autograd's own backward of the gathers would be scatter-adds (`index_add`), which on a
+    contended 2-core CPU ran many times slower with 2 threads than with 1 (docs/performance.md),
+    and it would keep every slot's gathered input alive. The submanifold neighbour relation is
+    symmetric (slot s of voxel i is voxel j ⇔ slot 26 − s of voxel j is voxel i), so the input
+    gradient is the same gather-GEMM with the mirrored, transposed kernel; the weight gradient
+    regathers both sides of each slot's pairs.
+    """
+
+    @staticmethod
+    def forward(feats, slots, bias, cmap):
+        return _gather_conv(feats, slots, cmap, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        feats, slots, bias, cmap = inputs
+        ctx.save_for_backward(feats, slots)
+        ctx.save_for_forward(feats, slots)
+        ctx.cmap = cmap
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, grad):
+        feats, slots = ctx.saved_tensors
+        cmap = ctx.cmap
+        grad_feats = grad_slots = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            mirrored = slots.flip(0).transpose(1, 2).contiguous()
+            grad_feats = _SubMConv.apply(grad, mirrored, None, cmap)
+        if ctx.needs_input_grad[1]:
+            grad_slots = slots.new_zeros(slots.shape)
+            for s in range(27):
+                if s == _CENTRE:
+                    torch.mm(grad.t(), feats, out=grad_slots[s])
+                elif cmap.in_rows[s].numel():
+                    torch.mm(grad.index_select(0, cmap.out_rows[s]).t(), feats.index_select(0, cmap.in_rows[s]),
+                             out=grad_slots[s])
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(dim=0)
+        return grad_feats, grad_slots, grad_bias, None
+
+    @staticmethod
+    def jvp(ctx, feats_t, slots_t, bias_t, _cmap_t):
+        feats, slots = ctx.saved_tensors
+        # Bilinear in (feats, slots), affine in bias.
+        out = None
+        if feats_t is not None:
+            out = _SubMConv.apply(feats_t, slots, None, ctx.cmap)
+        if slots_t is not None:
+            part = _SubMConv.apply(feats, slots_t, None, ctx.cmap)
+            out = part if out is None else out + part
+        if bias_t is not None:
+            out = bias_t.expand(feats.shape[0], -1) if out is None else out + bias_t
+        if out is None:
+            out = feats.new_zeros(feats.shape[0], slots.shape[1])
+        return out
+
+
 def submanifold_conv3d(x: SparseBatch, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """3³ submanifold convolution (output sites = input sites), weight (out, 3, 3, 3, in) →
-    feats (N, out). One gather-GEMM-scatter per kernel slot over the pairs that exist; within
-    a slot every output row appears at most once, so the scatter has no collisions and is
-    deterministic on GPU too."""
+    feats (N, out). One GEMM per kernel slot over its pairs, summed per output row by
+    gathers through the cached neighbour table; forward and backward are free of scatters and
+    atomics (bit-identical at any CPU thread count, checked; fp32 on CUDA would use cuSPARSE's
+    CSR product, whose repeatability is not yet checked)."""
     if weight.dim() != 5 or weight.shape[1:4] != (3, 3, 3):
         raise ValueError(f"weight must be (out, 3, 3, 3, in), got {tuple(weight.shape)}")
     if x.feats.shape[1] != weight.shape[4]:
         raise ValueError(f"conv expects {weight.shape[4]} input channels, feats have {x.feats.shape[1]}")
-    pairs = neighbour_pairs(x)
-    w = weight.flatten(1, 3)  # (out, 27, in); slot = 9i + 3j + k
+    cmap = neighbour_table(x)
     f = x.feats
-    out = F.linear(f, w[:, _CENTRE], bias)
-    for slot, (out_rows, in_rows) in enumerate(pairs):
-        if slot == _CENTRE or out_rows.numel() == 0:
-            continue
-        contrib = F.linear(f.index_select(0, in_rows), w[:, slot])
-        out = out.index_add(0, out_rows, contrib.to(out.dtype))
-    return out
+    device_type = f.device.type
+    if torch.is_autocast_enabled(device_type):
+        # A custom Function is opaque to autocast: cast here as F.linear would have.
+        dtype = torch.get_autocast_dtype(device_type)
+        f, weight = f.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    # (27, out, in), slot = 9i + 3j + k; contiguous so that each slot is a plain row-major GEMM operand
+    slots = weight.flatten(1, 3).transpose(0, 1).contiguous()
+    with torch.autocast(device_type, enabled=False):
+        return _SubMConv.apply(f, slots, bias, cmap)
 
 
 class SubMConv3d(nn.Module):

@@ -1,0 +1,209 @@
+"""Checkpoint write and upload time vs model size, on the loopback S3 server, and how long the
+step loop waits for them.
+
+For each `--models` size: a checkpoint of the real layout (`mdt_ray.train.state.save_checkpoint`:
+fp32 student, fp32 EMA, AdamW's two fp32 moments, state.json with every file's size and
+sha256) written to local disk, then uploaded to the loopback S3 server with
+`pyarrow.fs.copy_files`, as Ray Train persists a reported checkpoint directory. Rates (GB/s)
+of each part, and the time both would take for a TRELLIS-L checkpoint (`--extrapolate-gb`,
+default 9) at the largest model's measured rates.
+
+The wait: a loop of real optimizer steps (`--step-model`, Engine + MDT-dist, default ss-tiny)
+writes one checkpoint of `--wait-model` and either uploads it inline (what a synchronous
+`ray.train.report` does) or hands the upload to a background thread (what
+`checkpoint_upload_mode=ASYNC` does in Ray 2.60) and keeps stepping. Reported: the seconds
+the loop was held at the checkpoint step, as a fraction of the upload time (target < 10 %),
+and the step time while the upload runs against before.
+
+    python benchmarks/checkpoint_io.py [--models ss-tiny ss-demo ss-B] [--wait-model ss-B]
+        [--step-model ss-tiny] [--extrapolate-gb 9] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import write_json  # noqa: E402
+from mdt_ray.models import build_model, count_parameters  # noqa: E402
+from mdt_ray.train.state import save_checkpoint, scratch_dir  # noqa: E402
+
+
+def fake_state(model: str, seed: int = 0):
+    """Student, EMA and AdamW tensors in the shapes of `model` (values random, sizes real)."""
+    with torch.device("meta"):
+        net = build_model(model, use_fp16=False)
+    g = torch.Generator().manual_seed(seed)
+    shapes = {k: v.shape for k, v in net.state_dict().items()}
+    student = {k: torch.empty(s).uniform_(-1, 1, generator=g) for k, s in shapes.items()}
+    params = {n for n, _ in net.named_parameters()}
+    ema = {k: v.clone() for k, v in student.items() if k in params}
+    opt = {}
+    for k in params:
+        opt[f"{k}.exp_avg"] = torch.empty(shapes[k]).normal_(generator=g)
+        opt[f"{k}.exp_avg_sq"] = torch.empty(shapes[k]).uniform_(0, 1e-3, generator=g)
+        opt[f"{k}.step"] = torch.tensor(100.0)
+    groups = [{"lr": 1e-5, "betas": [0.9, 0.999], "weight_decay": 0.0, "params": list(range(len(params)))}]
+    return {"student": student, "ema": ema, "optimizer": (opt, groups),
+            "meta": {"step": 100, "model": model}}, count_parameters(net)
+
+
+def dir_bytes(d: Path) -> int:
+    return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+
+def upload(local: Path, uri: str) -> None:
+    import pyarrow.fs as pafs
+
+    from mdt_ray.data import storage
+
+    fs, path = storage.StorageTarget(uri).pyarrow_fs()
+    pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def measure_size(model: str, uri: str) -> dict:
+    state, params = fake_state(model)
+    with scratch_dir("ckpt-bench-") as d:
+        t0 = time.perf_counter()
+        save_checkpoint(d, **state)
+        t_write = time.perf_counter() - t0
+        nbytes = dir_bytes(d)
+        t0 = time.perf_counter()
+        upload(d, uri)
+        t_upload = time.perf_counter() - t0
+    return {"model": model, "parameters": params, "bytes": nbytes, "write_s": t_write, "upload_s": t_upload,
+            "write_gb_s": nbytes / t_write / 1e9, "upload_gb_s": nbytes / t_upload / 1e9,
+            "load": os.getloadavg()[0]}
+
+
+def step_loop(step_model: str, ckpt_model: str, uri: str, mode: str, before: int = 3, after: int = 30) -> dict:
+    """Steps, one checkpoint (inline or background upload), more steps until the upload is done."""
+    from mdt_ray.config import DistillConfig, TrainConfig
+    from mdt_ray.engine import Engine
+    from mdt_ray.models.teachers import build_teacher, freeze, student_from
+    from mdt_ray.stages import get_stage
+
+    from benchmarks._common import random_batch
+
+    teacher = build_teacher(step_model)
+    engine = Engine(student_from(teacher), freeze(teacher, torch.device("cpu"), False), stage=get_stage("ss"),
+                    distill=DistillConfig(method="mdt"), train=TrainConfig(batch_size=2, lr=1e-5))
+    batch = random_batch(step_model, 2, torch.Generator().manual_seed(0))
+    state, _ = fake_state(ckpt_model)
+    k = iter(range(10**6))
+    times_before = []
+    for _ in range(before):
+        t0 = time.perf_counter()
+        engine.step(batch, next(k))
+        times_before.append(time.perf_counter() - t0)
+    with scratch_dir("ckpt-wait-") as d:
+        done = threading.Event()
+        result: dict = {}
+
+        def run_upload():
+            t0 = time.perf_counter()
+            try:
+                upload(d, uri)
+            except Exception as e:  # noqa: BLE001 (reported, the measurement stops)
+                result["error"] = repr(e)
+            result["upload_s"] = time.perf_counter() - t0
+            done.set()
+
+        t0 = time.perf_counter()
+        save_checkpoint(d, **state)
+        write_s = time.perf_counter() - t0
+        if mode == "sync":
+            run_upload()
+        else:
+            threading.Thread(target=run_upload, daemon=True).start()
+        held_s = time.perf_counter() - t0
+        times_during = []
+        while not done.is_set() and len(times_during) < after:
+            t1 = time.perf_counter()
+            engine.step(batch, next(k))
+            times_during.append(time.perf_counter() - t1)
+        done.wait()
+    if "error" in result:
+        raise RuntimeError(f"upload failed: {result['error']}")
+    return {"mode": mode, "write_s": write_s, "held_s": held_s, "upload_s": result["upload_s"],
+            "held_over_upload": held_s / result["upload_s"],
+            "step_s_before": statistics.median(times_before),
+            "step_s_during_upload": statistics.median(times_during) if times_during else None,
+            "steps_during_upload": len(times_during), "load": os.getloadavg()[0]}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gb = [r["bytes"] / 1e9 for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(gb, [r["write_s"] for r in rows], "o-", label="write + sha256 (local disk)")
+    ax.plot(gb, [r["upload_s"] for r in rows], "s-", label="upload (loopback S3)")
+    for r, x in zip(rows, gb):
+        ax.annotate(r["model"], (x, r["upload_s"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlabel("checkpoint size (GB)"), ax.set_ylabel("seconds")
+    ax.set_title("Checkpoint time vs size (2-core CPU)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"[bench] wrote {path}")
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["ss-tiny", "ss-demo", "ss-B"])
+    p.add_argument("--wait-model", default="ss-B")
+    p.add_argument("--step-model", default="ss-tiny")
+    p.add_argument("--extrapolate-gb", type=float, default=9.0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--plot", help="write the time-vs-size plot here (PNG)")
+    p.add_argument("--json")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from tests.s3_server import LocalS3, apply_env
+
+    res: dict = {"loadavg_start": os.getloadavg(), "sizes": [], "wait": []}
+    with LocalS3() as server:
+        apply_env(server.env())
+        bucket = server.create_bucket("ckpt-bench")
+        for i, m in enumerate(args.models):
+            r = measure_size(m, f"s3://{bucket}/size/{i}_{m}")
+            res["sizes"].append(r)
+            print(f"[ckpt] {m}: {r['parameters'] / 1e6:.1f} M params, {r['bytes'] / 1e9:.3f} GB, write {r['write_s']:.2f} s "
+                  f"({r['write_gb_s']:.2f} GB/s), upload {r['upload_s']:.2f} s ({r['upload_gb_s']:.2f} GB/s) "
+                  f"(load {r['load']:.1f})", flush=True)
+        big = res["sizes"][-1]
+        gb = args.extrapolate_gb * 1e9
+        res["extrapolated"] = {"bytes": gb, "write_s": gb / (big["write_gb_s"] * 1e9),
+                               "upload_s": gb / (big["upload_gb_s"] * 1e9), "from": big["model"]}
+        e = res["extrapolated"]
+        print(f"[ckpt] {args.extrapolate_gb:g} GB at {big['model']}'s rates: write {e['write_s']:.0f} s, "
+              f"upload {e['upload_s']:.0f} s", flush=True)
+        for mode in ("sync", "async"):
+            r = step_loop(args.step_model, args.wait_model, f"s3://{bucket}/wait/{mode}", mode)
+            res["wait"].append(r)
+            during = f"{r['step_s_during_upload']:.3f}" if r["step_s_during_upload"] else "n/a"
+            print(f"[ckpt] {mode:5s}: loop held {r['held_s']:.2f} s of a {r['upload_s']:.2f} s upload "
+                  f"({100 * r['held_over_upload']:.0f} %; write {r['write_s']:.2f} s); step {r['step_s_before']:.3f} s "
+                  f"before, {during} s during ({r['steps_during_upload']} steps) (load {r['load']:.1f})", flush=True)
+    if args.plot:
+        plot(res["sizes"], args.plot)
+    write_json(args.json, res)
+    return res
+
+
+if __name__ == "__main__":
+    main()
