@@ -73,27 +73,22 @@ class GradClipper:
 class EMA:
     """An fp32 exponential moving average of a model's parameters, keyed by parameter name.
 
-    The update is torch.optim.swa_utils' EMA function (one multi-tensor lerp over all
-    parameters). The average is kept as named tensors rather than a second module
-    (swa_utils.AveragedModel) because checkpoints store it as a safetensors dict and the TRELLIS
-    export needs a plain module only once, at the end (`model_copy`)."""
+    Kept as named tensors rather than a second module (torch.optim.swa_utils.AveragedModel)
+    because checkpoints store it as a safetensors dict and TRELLIS export needs a plain module
+    only once, at the end (`model_copy`). The update is a lerp per parameter rather than
+    swa_utils' multi-tensor EMA function: that one needs every fp16/bf16 parameter cast to fp32
+    at once, and measured slower on CPU (benchmarks/ema.py; figures in docs/performance.md)."""
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        from torch.optim.swa_utils import get_ema_multi_avg_fn
-
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
         self.decay = decay
         self.shadow = {name: p.detach().clone().float() for name, p in _unwrap(model).named_parameters()}
-        self._average = get_ema_multi_avg_fn(decay)
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
-        named = list(_unwrap(model).named_parameters())
-        shadow = [self.shadow[name] for name, _ in named]
-        # The multi-tensor lerp wants one dtype on both sides: an fp16/bf16 model is cast first.
-        current = [p.detach() if p.dtype == s.dtype else p.detach().to(s.dtype) for (_, p), s in zip(named, shadow)]
-        self._average(shadow, current, None)
+        for name, p in _unwrap(model).named_parameters():
+            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1 - self.decay)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

@@ -243,6 +243,9 @@ def discard_unstarted(run_dir: RunDir) -> bool:
     return True
 
 
+_RAY_ADVICE = ("To change retry attempts", "To ignore this exception")
+
+
 def failure_line(error: BaseException) -> str:
     """Why a run failed, in one line, without Ray's wrapping: a worker's own exception (Ray Train
     2.60's WorkerGroupError keeps it per rank, a ControllerError its cause, a RayTaskError's
@@ -255,7 +258,10 @@ def failure_line(error: BaseException) -> str:
     inner = getattr(error, "controller_failure", None) or getattr(error, "cause", None)
     if inner is not None and inner is not error:
         return failure_line(inner)
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    # Ray Data appends advice to the I/O error it re-raises ("To change retry attempts, ..."):
+    # the line that says what failed comes before it.
+    lines = [line.strip() for line in str(error).splitlines()
+             if line.strip() and not line.strip().startswith(_RAY_ADVICE)]
     if not lines:
         return type(error).__name__
     return lines[-1] if isinstance(error, RunError) else f"{type(error).__name__}: {lines[-1]}"

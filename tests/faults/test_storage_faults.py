@@ -89,6 +89,7 @@ def test_the_store_stopped_while_the_corpus_is_read(fault_env, own_s3, tmp_path)
     cmd = job_cmd(f"s3://{bucket}/corpus", tmp_path, "read-fault")
     proc = _run_until(cmd, env, tmp_path / "run.log", "checkpoint_00000004")
     took, error = _stop_store_and_wait(own_s3, proc, tmp_path / "run.log", "read-fault")
+    assert f"in bucket '{bucket}'" in error and "NETWORK_CONNECTION" in error, error  # what failed, not advice
     from mdt_ray.train.state import load_checkpoint
 
     assert load_checkpoint(tmp_path / "runs" / "read-fault" / "checkpoint_00000004")["meta"]["step"] == 4
