@@ -246,3 +246,32 @@ def test_runs_that_fail_after_starting_leave_nothing_that_blocks_the_rerun(ray_l
     assert (tmp_path / "runs" / "retry" / RUN_META).is_file()
     runs = client.search_runs([client.get_experiment_by_name("mdt-ray-demo").experiment_id])
     assert sorted(r.info.status for r in runs) == ["FAILED", "FAILED", "FINISHED"]
+
+
+def test_a_teacher_whose_weights_do_not_fit_its_json_is_one_line_before_ray(capsys, corpora, tmp_path):
+    """Found from the safetensors header on the driver (no weight read, no worker started)."""
+    from safetensors.torch import load_file, save_file
+
+    from mdt_ray.models.checkpoint import check_trellis
+    from mdt_ray.models.teachers import PACKAGED_TEACHER, from_root
+
+    packaged = from_root(PACKAGED_TEACHER)
+    check_trellis(packaged)  # the shipped teacher fits
+    check_trellis(REPO / "tests/fixtures/trellis/slat_flow_tiny.json")  # so does a stage-2 model
+    bad = tmp_path / "teacher" / "t.json"
+    bad.parent.mkdir()
+    bad.write_text(packaged.read_text())
+    tensors = load_file(str(packaged.with_suffix(".safetensors")))
+    tensors["out_layer.weight"] = tensors["out_layer.weight"][:, :-1].contiguous()
+    save_file(tensors, str(bad.with_suffix(".safetensors")))
+    code, err = _distill(capsys, tmp_path, f"data.uri={corpora}/train", f"model.teacher={bad}")
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("mdt-ray distill: error: model.teacher: ") and "out_layer.weight: checkpoint" in err[0]
+    assert _nothing_written(tmp_path)
+
+
+def test_a_batch_larger_than_a_workers_share_is_one_line_before_ray(capsys, corpora, tmp_path):
+    code, err = _distill(capsys, tmp_path, f"data.uri={corpora}/train", "train.batch_size=32", "scale.num_workers=2")
+    assert code == 1 and len(err) == 1, err
+    assert "holds 32 assets: 16 per worker for scale.num_workers=2, fewer than train.batch_size=32" in err[0]
+    assert _nothing_written(tmp_path)

@@ -39,16 +39,8 @@ def _compare(model: nn.Module, tensors: dict[str, torch.Tensor]) -> tuple[list[s
     return missing, unexpected, wrong_shape
 
 
-def load_trellis(json_path: str | os.PathLike, safetensors_path: str | os.PathLike | None = None, *,
-                 device: str | torch.device = "cpu", strict: bool = True) -> nn.Module:
-    """Build the model the json names and load the safetensors into it.
-
-    The json's `use_fp16` fixes the dtype layout (fp16 Linear weights inside the blocks, fp32
-    elsewhere, as TRELLIS runs and stores them); each stored tensor is copied into its parameter,
-    so an fp32 master-copy checkpoint of an fp16 model is cast the way TRELLIS's
-    `load_state_dict` would. Shape mismatches always raise; with `strict`, so do missing and
-    unexpected keys (otherwise those are skipped and reported with a warning).
-    """
+def _read_pair(json_path: str | os.PathLike, safetensors_path: str | os.PathLike | None) -> tuple[Path, Path, dict]:
+    """(json path, safetensors path, the json's {"name", "args"}) of a TRELLIS checkpoint pair."""
     json_path = Path(json_path)
     _require_file(json_path, "TRELLIS model config")
     st_path = Path(safetensors_path) if safetensors_path is not None else json_path.with_suffix(".safetensors")
@@ -61,13 +53,12 @@ def load_trellis(json_path: str | os.PathLike, safetensors_path: str | os.PathLi
         raise ValueError(f"{json_path} must hold {{'name': ..., 'args': {{...}}}}")
     if cfg["name"] not in model_classes():
         raise ValueError(f"{json_path} names model class {cfg['name']!r}; known: {sorted(model_classes())}")
+    return json_path, st_path, cfg
 
-    try:
-        with torch.device(device):
-            model = build_model(cfg)
-    except ValueError as e:
-        raise ValueError(f"{json_path}: {e}") from None
-    tensors = load_file(str(st_path), device=str(device))
+
+def _raise_mismatch(model: nn.Module, tensors: dict[str, torch.Tensor], cfg: dict, json_path: Path, st_path: Path,
+                    strict: bool) -> tuple[list[str], list[str]]:
+    """CheckpointMismatchError naming what does not fit; else the (missing, unexpected) keys."""
     missing, unexpected, wrong_shape = _compare(model, tensors)
     problems = []
     if wrong_shape:
@@ -79,6 +70,44 @@ def load_trellis(json_path: str | os.PathLike, safetensors_path: str | os.PathLi
     if problems:
         raise CheckpointMismatchError(
             f"{st_path} does not fit {cfg['name']} as configured by {json_path.name}: " + "; ".join(problems))
+    return missing, unexpected
+
+
+def check_trellis(json_path: str | os.PathLike, safetensors_path: str | os.PathLike | None = None) -> None:
+    """Raise what `load_trellis` would about the pair, from the json and the safetensors header
+    alone: the model is built on the meta device and no weight is read, so a driver can check a
+    multi-GB teacher in milliseconds before any worker starts."""
+    from safetensors import safe_open
+
+    json_path, st_path, cfg = _read_pair(json_path, safetensors_path)
+    try:
+        with torch.device("meta"):
+            model = build_model(cfg)
+    except ValueError as e:
+        raise ValueError(f"{json_path}: {e}") from None
+    with safe_open(str(st_path), framework="pt") as f:
+        tensors = {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    _raise_mismatch(model, tensors, cfg, json_path, st_path, strict=True)
+
+
+def load_trellis(json_path: str | os.PathLike, safetensors_path: str | os.PathLike | None = None, *,
+                 device: str | torch.device = "cpu", strict: bool = True) -> nn.Module:
+    """Build the model the json names and load the safetensors into it.
+
+    The json's `use_fp16` fixes the dtype layout (fp16 Linear weights inside the blocks, fp32
+    elsewhere, as TRELLIS runs and stores them); each stored tensor is copied into its parameter,
+    so an fp32 master-copy checkpoint of an fp16 model is cast the way TRELLIS's
+    `load_state_dict` would. Shape mismatches always raise; with `strict`, so do missing and
+    unexpected keys (otherwise those are skipped and reported with a warning).
+    """
+    json_path, st_path, cfg = _read_pair(json_path, safetensors_path)
+    try:
+        with torch.device(device):
+            model = build_model(cfg)
+    except ValueError as e:
+        raise ValueError(f"{json_path}: {e}") from None
+    tensors = load_file(str(st_path), device=str(device))
+    missing, unexpected = _raise_mismatch(model, tensors, cfg, json_path, st_path, strict)
     if missing or unexpected:
         warnings.warn(f"{st_path}: loaded non-strictly; missing keys {missing}, unexpected keys {unexpected}")
         tensors = {k: v for k, v in tensors.items() if k not in unexpected}

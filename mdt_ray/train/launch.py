@@ -81,6 +81,7 @@ def launch(cfg: Config, *, resume: bool, tracking: Tracking, callbacks: Optional
     with naming("data.uri"):
         manifest = read_manifest(StorageTarget.from_data_config(cfg.data))
     check_compatible(cfg, manifest)
+    check_batch_fits(cfg, manifest.num_rows)
     with naming("data.eval_uri"):
         held_out = load_eval_split(cfg)
     ensure_ray()
@@ -136,6 +137,7 @@ def check_compatible(cfg: Config, manifest) -> None:
         spec = teacher_spec(cfg.model.teacher)
     except ModelPathError as e:
         raise RunError(str(e)) from None
+    check_teacher_weights(cfg.model.teacher)
     stage = get_stage(cfg.model.stage)
     try:
         teacher_stage = stage_of_class(spec["name"])
@@ -150,6 +152,42 @@ def check_compatible(cfg: Config, manifest) -> None:
     if problems:
         raise RunError(f"model.teacher {cfg.model.teacher!r} (model.stage {stage.name!r}) does not fit the corpus "
                        f"data.uri {cfg.data.uri!r}: " + "; ".join(problems))
+
+
+def check_batch_fits(cfg: Config, corpus_rows: int) -> None:
+    """Every worker must get at least one full batch of the corpus (streaming_split(equal=True)
+    gives each rows // num_workers); otherwise each worker would stop with ShardTooSmallError."""
+    per_worker = corpus_rows // cfg.scale.num_workers
+    if per_worker < cfg.train.batch_size:
+        raise RunError(f"data.uri {cfg.data.uri!r} holds {corpus_rows} assets: {per_worker} per worker for "
+                       f"scale.num_workers={cfg.scale.num_workers}, fewer than train.batch_size="
+                       f"{cfg.train.batch_size}; lower one of those or use a larger corpus")
+
+
+def check_teacher_weights(teacher: str) -> None:
+    """A teacher checkpoint whose weights do not fit its json (wrong shapes, missing keys) is
+    refused here, from the safetensors header, instead of on every worker after Ray starts."""
+    from mdt_ray.models import NAMED_CONFIGS
+    from mdt_ray.models.checkpoint import check_trellis
+    from mdt_ray.models.teachers import from_root
+
+    if teacher in NAMED_CONFIGS:
+        return
+    path = from_root(teacher)
+    if path.is_file():
+        with naming_model("model.teacher"):
+            check_trellis(path)
+
+
+@contextlib.contextmanager
+def naming_model(key: str):
+    """A checkpoint error raised inside names the config key whose file it is about."""
+    from mdt_ray.models.checkpoint import CheckpointMismatchError
+
+    try:
+        yield
+    except (CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+        raise type(e)(f"{key}: {e}") from e
 
 
 def open_mlflow_run(cfg: Config, tracking: Tracking, existing: Optional[dict[str, Any]],
