@@ -173,7 +173,7 @@ class RunConfig(_Block):
     resume: bool = False
     max_failures: int = Field(2, ge=-1)
     num_to_keep: int = Field(3, gt=0)  # checkpoints kept in storage
-    # Chaos testing: the last worker raises once at this step (not after a restore), to check
+    # Chaos testing: the last worker SIGKILLs itself once at this step (not after a restore), to check
     # that the run recovers from its last checkpoint. Never set in production configs.
     inject_failure_at_step: Optional[int] = Field(None, ge=0)
 

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -315,7 +316,10 @@ def _train(w: Worker, engine: Engine, teacher: torch.nn.Module, batches: Batches
                 # The view of each sample is drawn from (seed, rank, step): a resumed run redraws it.
                 batch = conditioner(batch, step)
             if step == fail_at and w.rank == w.world - 1:
-                raise RuntimeError(f"injected failure at step {step} (run.inject_failure_at_step)")
+                # A real process death, as an OOM kill or a lost machine gives: no exception to
+                # catch, no clean-up; Ray Train finds it by its health check.
+                _say(f"run.inject_failure_at_step: SIGKILL of this worker (rank {w.rank}) at step {step}")
+                os.kill(os.getpid(), signal.SIGKILL)
             measured = engine.forward_backward(batch, step)
             if not _all_finite(w, engine, measured, step):
                 return

@@ -1,5 +1,5 @@
 """A config run twice gives the same model, bit for bit on CPU, and so does a run whose worker
-failed and was restored from its last checkpoint: the data order is Ray Data's order-preserving
+process was SIGKILLed and restored from its last checkpoint: the data order is Ray Data's order-preserving
 one (data.deterministic) and every random draw of a step is seeded by (seed, rank, step)."""
 
 from pathlib import Path
@@ -43,7 +43,7 @@ def _same(a: dict, b: dict) -> bool:
 def test_a_second_run_restored_after_a_worker_failure_ends_with_identical_weights(ray_local, sharded_corpus,
                                                                                   tmp_path):
     first = _run(tmp_path, sharded_corpus, "first")
-    # The second run of the config has a worker raise at step 5; it restores from step 3 and
+    # The second run of the config has a worker process SIGKILLed at step 5; it restores from step 3 and
     # replays steps 4-6 on the same batches with the same draws: the final weights are those of
     # the first run, which never failed (so two runs agree, and a restore replays exactly).
     restored = _run(tmp_path, sharded_corpus, "restored", "run.inject_failure_at_step=5", "run.max_failures=1")
