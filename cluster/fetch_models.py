@@ -39,6 +39,11 @@ def fetch(src_uri: str, dest: str | os.PathLike, client=None) -> list[Path]:
 
     A file already present with the object's size is kept, so re-running set-up on a node that
     has the checkpoints costs one listing. Returns the files written.
+
+    Not pyarrow.fs.copy_files: it copies every file again on each node start (multi-GB teachers)
+    and writes straight to the final name, so a node that dies mid-copy keeps a truncated
+    checkpoint that the next start would take as present; boto3's download_file already does
+    the multipart, threaded transfer.
     """
     if client is None:
         import boto3
