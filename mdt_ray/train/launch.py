@@ -296,6 +296,10 @@ def failure_line(error: BaseException) -> str:
     inner = getattr(error, "controller_failure", None) or getattr(error, "cause", None)
     if inner is not None and inner is not error:
         return failure_line(inner)
+    # A wrapper raised from the error that says what failed (Ray Data's "Failed to apply UDF
+    # transform after 1/1 attempts" from a store's OSError): the innermost cause is the story.
+    if isinstance(error.__cause__, Exception) and not isinstance(error, RunError):
+        return failure_line(error.__cause__)
     # Ray Data appends advice to the I/O error it re-raises ("To change retry attempts, ..."):
     # the line that says what failed comes before it.
     lines = [line.strip() for line in str(error).splitlines()
