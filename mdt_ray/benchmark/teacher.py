@@ -78,11 +78,12 @@ objectives.METHODS.setdefault("exact", _exact_objective)
 
 @dataclass
 class TeacherRecipe:
-    steps: int = 1500
+    steps: int = 600
     batch_size: int = 16
     lr: float = 1.5e-3
     weight_decay: float = 0.0
-    ema: float = 0.999
+    # 0.99: a 0.999 average still holds 0.999^600 ≈ 55 % of the initial weights after 600 steps.
+    ema: float = 0.99
     grad_clip: float = 1.0
     seed: int = 0
 
