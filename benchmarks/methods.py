@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     e = sub.add_parser("teachers", help="score the exact and the learned teacher at 1, 2 and 25 steps")
     e.add_argument("--teacher", default=str(ROOT / TEACHER))
     e.add_argument("--exact-only", action="store_true")
+    e.add_argument("--learned-only", action="store_true")
     e.add_argument("--test-assets", type=int, default=256)
     e.add_argument("--root", default=str(ROOT))
     e.add_argument("--json", default=None, help="write the rows (and the learned teacher's field error) here")
@@ -80,7 +81,8 @@ def main(argv=None) -> int:
     from mdt_ray.benchmark.compare import Budget, run_benchmark, teachers_report
 
     if args.command == "teachers":
-        report = teachers_report(uris, None if args.exact_only else args.teacher, args.test_assets)
+        report = teachers_report(uris, None if args.exact_only else args.teacher, args.test_assets,
+                                 exact=not args.learned_only)
         if args.json:
             import json
 

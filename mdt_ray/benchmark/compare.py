@@ -147,9 +147,10 @@ def generate(model, split, steps: int, *, sampler: Optional[dict] = None, seed: 
 TEACHER_SAMPLER = {"cfg_strength": 0.0, "rescale_t": 3.0}
 
 
-def teacher_rows(bench: Bench, log, *, learned: bool = True) -> dict[str, dict[int, dict[str, float]]]:
+def teacher_rows(bench: Bench, log, *, learned: bool = True, exact: bool = True) -> dict[str, dict[int, dict[str, float]]]:
     out: dict[str, dict[int, dict[str, float]]] = {}
-    models = [("exact teacher", distribution().exact_teacher())] + ([("learned teacher", bench.teacher)] if learned else [])
+    models = (([("exact teacher", distribution().exact_teacher())] if exact else [])
+              + ([("learned teacher", bench.teacher)] if learned else []))
     for label, model in models:
         out[label] = {}
         for k in TEACHER_STEPS:
@@ -160,7 +161,7 @@ def teacher_rows(bench: Bench, log, *, learned: bool = True) -> dict[str, dict[i
 
 
 def teachers_report(uris: dict[str, str], teacher_path: Optional[str], test_assets: int,
-                    log: Optional[Callable[[str], None]] = None) -> dict[str, Any]:
+                    log: Optional[Callable[[str], None]] = None, *, exact: bool = True) -> dict[str, Any]:
     """The reference rows alone (exact teacher, and the learned one unless `teacher_path` is None)
     with the learned teacher's relative error against the exact field."""
     from mdt_ray.data.storage import StorageTarget
@@ -175,7 +176,8 @@ def teachers_report(uris: dict[str, str], teacher_path: Optional[str], test_asse
     t0 = time.perf_counter()
     report: dict[str, Any] = {"test_assets": len(test), "teacher": teacher_path,
                               "rows": {label: {str(k): v for k, v in rows.items()}
-                                       for label, rows in teacher_rows(bench, log, learned=teacher is not None).items()}}
+                                       for label, rows in teacher_rows(bench, log, learned=teacher is not None,
+                                                                                     exact=exact).items()}}
     if teacher is not None:
         from mdt_ray.benchmark.teacher import field_error
 
