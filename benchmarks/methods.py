@@ -88,6 +88,12 @@ def main(argv=None) -> int:
 
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1))
+            from mdt_ray.benchmark.corpus import distribution
+            from mdt_ray.eval.render import render_grid
+
+            d = distribution()
+            render_grid([("true modes", d.occupancy.copy())], Path(args.json).parent / "truth_modes.png",
+                        column_labels=[n.replace("/", " ")[:14] for n in d.mode_names])
         return 0
 
     budget = Budget.quick() if args.quick else Budget()
