@@ -170,9 +170,9 @@ def teachers_report(uris: dict[str, str], teacher_path: Optional[str], test_asse
 
     log = log or (lambda line: print(line, flush=True))
     test = get_stage("ss").load(StorageTarget(uris["test"]), limit=test_assets)
-    exact = distribution().exact_teacher()
+    conditions = distribution().exact_teacher().condition_index(test.cond).numpy()
     teacher = load_trellis(teacher_path).float().eval() if teacher_path else None
-    bench = Bench(None, None, test, exact.condition_index(test.cond).numpy(), None, teacher, teacher_path or "")
+    bench = Bench(None, None, test, conditions, None, teacher, teacher_path or "")
     t0 = time.perf_counter()
     report: dict[str, Any] = {"test_assets": len(test), "teacher": teacher_path,
                               "rows": {label: {str(k): v for k, v in rows.items()}
