@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=str(ROOT / "mdt_ray/assets"))
     t.add_argument("--name", default="teacher_ss_multimodal")
     t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--init", default=None, help="continue from this TRELLIS json instead of a fresh model")
     t.add_argument("--root", default=str(ROOT))
     e = sub.add_parser("teachers", help="score the exact and the learned teacher at 1, 2 and 25 steps")
     e.add_argument("--teacher", default=str(ROOT / TEACHER))
@@ -75,8 +77,10 @@ def main(argv=None) -> int:
     if args.command == "teacher":
         from mdt_ray.benchmark.teacher import TeacherRecipe, pretrain_teacher
 
-        recipe = TeacherRecipe() if args.steps is None else TeacherRecipe(steps=args.steps)
-        pretrain_teacher(uris["train"], args.out, name=args.name, recipe=recipe, log_every=50)
+        recipe = TeacherRecipe()
+        recipe.steps = args.steps or recipe.steps
+        recipe.lr = args.lr or recipe.lr
+        pretrain_teacher(uris["train"], args.out, name=args.name, recipe=recipe, log_every=50, init=args.init)
         return 0
     from mdt_ray.benchmark.compare import Budget, run_benchmark, teachers_report
 

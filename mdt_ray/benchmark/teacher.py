@@ -98,8 +98,9 @@ def _train_config(r: TeacherRecipe):
 def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER_NAME,
                      recipe: Optional[TeacherRecipe] = None, config: Optional[dict[str, Any]] = None,
                      log: Callable[[str], None] = print, log_every: int = 100, snapshot_every: int = 0,
-                     on_log: Optional[Callable[[int, dict[str, float]], None]] = None) -> dict[str, Any]:
-    """Train on the corpus at `train_uri`, export the EMA weights to `<out_dir>/<name>.{json,safetensors}`
+                     on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
+                     init: Optional[str] = None) -> dict[str, Any]:
+    """Train (from scratch, or continue from the TRELLIS json `init`) on the corpus at `train_uri`, export the EMA weights to `<out_dir>/<name>.{json,safetensors}`
     and a `<name>.train.json` with the recipe, timings and loss curve; returns that summary."""
     from mdt_ray.benchmark.corpus import distribution
     from mdt_ray.data.storage import StorageTarget
@@ -112,7 +113,12 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
     stage = get_stage("ss")
     split = stage.load(StorageTarget(train_uri))
     torch.manual_seed(recipe.seed)
-    model = build_model(config or TEACHER_CONFIG).float().train()
+    if init is not None:
+        from mdt_ray.models import load_trellis
+
+        model = load_trellis(init).float().train().requires_grad_(True)
+    else:
+        model = build_model(config or TEACHER_CONFIG).float().train()
     exact = distribution().exact_teacher()
     tc = _train_config(recipe)
     engine = Engine(model, exact, stage=stage, distill=ExactRegression(), train=tc, keep_ema=True,
@@ -139,7 +145,7 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
     json_path, st_path = export_trellis(final, out_dir, name, fp16=False)
     summary = {"json": str(json_path), "safetensors": str(st_path), "params": params, "train_s": train_s,
                "cpu_s": cpu_s, "recipe": recipe.__dict__, "objective": ExactRegression().__dict__,
-               "train_uri": train_uri, "curve": curve}
+               "train_uri": train_uri, "init": init, "curve": curve}
     Path(out_dir, f"{name}.train.json").write_text(json.dumps(summary, indent=1))
     log(f"[teacher] done in {train_s / 60:.1f} min ({cpu_s:.0f} s CPU) -> {json_path}")
     return summary
