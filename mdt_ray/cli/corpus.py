@@ -43,8 +43,9 @@ def add_write_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_build_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=["synthetic"], default="synthetic",
-                   help="corpus generator (TRELLIS data: use `import-trellis`)")
+    p.add_argument("--kind", choices=["synthetic", "multimodal"], default="synthetic",
+                   help="corpus generator: synthetic shapes, or the benchmark's exactly known multimodal "
+                        "distribution (docs/benchmark.md); TRELLIS data: use `import-trellis`")
     p.add_argument("--num-assets", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
     add_write_arguments(p)
@@ -86,6 +87,15 @@ def add_trellis_options(p: argparse.ArgumentParser) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from mdt_ray.data.corpus import build_synthetic
 
+    if args.kind == "multimodal":
+        from mdt_ray.benchmark.corpus import build as build_multimodal
+
+        build_multimodal(
+            _target(args, args.out), args.num_assets, seed=args.seed, rows_per_shard=args.rows_per_shard,
+            num_shards=args.shards, workers=args.workers, use_ray=args.use_ray, overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+        return 0
     build_synthetic(
         _target(args, args.out), args.num_assets, seed=args.seed, rows_per_shard=args.rows_per_shard,
         num_shards=args.shards, workers=args.workers, use_ray=args.use_ray, overwrite=args.overwrite,
@@ -173,7 +183,7 @@ def register(subparsers, name: str = "corpus", help_text: str = "build, import a
     corpus = subparsers.add_parser(name, help=help_text)
     sub = corpus.add_subparsers(dest="corpus_command", required=True)
 
-    p = sub.add_parser("build", help="build the synthetic corpus")
+    p = sub.add_parser("build", help="build a generated corpus (synthetic or multimodal)")
     add_build_arguments(p)
     p.set_defaults(func=guarded("mdt-ray corpus build", run_build))
 
@@ -193,7 +203,7 @@ def register(subparsers, name: str = "corpus", help_text: str = "build, import a
 # --- jobs/build_corpus.py -------------------------------------------------------------------
 
 def add_job_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", choices=["synthetic", "trellis"], default="synthetic")
+    p.add_argument("--kind", choices=["synthetic", "multimodal", "trellis"], default="synthetic")
     p.add_argument("--num-assets", type=int, default=None, help="synthetic: how many assets")
     p.add_argument("--seed", type=int, default=0, help="synthetic: corpus seed")
     p.add_argument("--root", default=None, help="trellis: dataset root (holds metadata.csv)")
@@ -205,8 +215,8 @@ def run_job(args: argparse.Namespace) -> int:
     """Build or import; under `ray job submit` (RAY_ADDRESS set) or with --ray, one Ray task per shard."""
     import os
 
-    if args.kind == "synthetic" and args.num_assets is None:
-        raise ValueError("--kind synthetic needs --num-assets")
+    if args.kind in ("synthetic", "multimodal") and args.num_assets is None:
+        raise ValueError(f"--kind {args.kind} needs --num-assets")
     if args.kind == "trellis" and args.root is None:
         raise ValueError("--kind trellis needs --root")
     if args.use_ray is None and os.environ.get("RAY_ADDRESS"):
@@ -216,7 +226,7 @@ def run_job(args: argparse.Namespace) -> int:
 
         if not ray.is_initialized():
             ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=False)
-    return run_build(args) if args.kind == "synthetic" else run_import(args)
+    return run_import(args) if args.kind == "trellis" else run_build(args)
 
 
 job_main = main_for("build_corpus.py", "build the synthetic corpus or import a TRELLIS root", add_job_arguments,

@@ -1,0 +1,113 @@
+"""The multimodal benchmark (docs/benchmark.md): corpora, the learned teacher, the method comparison.
+
+    python benchmarks/methods.py corpora                 # train / val / test corpora under data/
+    python benchmarks/methods.py teacher                 # the committed learned teacher (mdt_ray/assets)
+    python benchmarks/methods.py run --quick             # the CI smoke run (minutes)
+    python benchmarks/methods.py run                     # the full comparison (docs/benchmark.md)
+    python benchmarks/methods.py run --steps 2000 ...    # larger budgets
+
+Everything is written under --out (results.json, tables.md, the figures) and logged to MLflow
+(experiment mdt-ray-benchmark; MLFLOW_TRACKING_URI or sqlite:///mlflow.db).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CORPORA = {"train": ("data/multimodal-train", 0, 4096), "val": ("data/multimodal-val", 1, 1024),
+           "test": ("data/multimodal-test", 2, 1024)}
+TEACHER = "mdt_ray/assets/teacher_ss_multimodal.json"
+
+
+def build_corpora(root: Path, *, overwrite: bool = False) -> dict[str, str]:
+    from mdt_ray.benchmark.corpus import build
+    from mdt_ray.data.storage import StorageTarget
+
+    uris = {}
+    for split, (rel, seed, n) in CORPORA.items():
+        path = root / rel
+        if overwrite or not (path / "_common_metadata").exists():
+            build(StorageTarget(str(path)), n, seed=seed, workers=1, use_ray=False, overwrite=True, progress=False)
+        uris[split] = str(path)
+    return uris
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: cores shared with other jobs)")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("corpora", help="build the train / val / test corpora")
+    c.add_argument("--root", default=str(ROOT))
+    c.add_argument("--overwrite", action="store_true")
+    t = sub.add_parser("teacher", help="pre-train the learned teacher by regressing the exact velocity")
+    t.add_argument("--out", default=str(ROOT / "mdt_ray/assets"))
+    t.add_argument("--name", default="teacher_ss_multimodal")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--init", default=None, help="continue from this TRELLIS json instead of a fresh model")
+    t.add_argument("--root", default=str(ROOT))
+    e = sub.add_parser("teachers", help="score the exact and the learned teacher at 1, 2 and 25 steps")
+    e.add_argument("--teacher", default=str(ROOT / TEACHER))
+    e.add_argument("--exact-only", action="store_true")
+    e.add_argument("--learned-only", action="store_true")
+    e.add_argument("--test-assets", type=int, default=256)
+    e.add_argument("--root", default=str(ROOT))
+    e.add_argument("--json", default=None, help="write the rows (and the learned teacher's field error) here")
+    r = sub.add_parser("run", help="the method comparison")
+    r.add_argument("--quick", action="store_true", help="tiny budget: the CI smoke run")
+    r.add_argument("--out", default=None, help="output folder (default runs/benchmark[-quick])")
+    r.add_argument("--teacher", default=str(ROOT / TEACHER))
+    r.add_argument("--root", default=str(ROOT))
+    r.add_argument("--no-sweep", action="store_true", help="skip the Ray Tune sweeps; use the default settings")
+    r.add_argument("--no-mlflow", action="store_true")
+    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds"):
+        r.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, dest=name)
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.command == "corpora":
+        print(build_corpora(Path(args.root), overwrite=args.overwrite))
+        return 0
+    uris = build_corpora(Path(args.root))
+    if args.command == "teacher":
+        from mdt_ray.benchmark.teacher import TeacherRecipe, pretrain_teacher
+
+        recipe = TeacherRecipe()
+        recipe.steps = args.steps or recipe.steps
+        recipe.lr = args.lr or recipe.lr
+        pretrain_teacher(uris["train"], args.out, name=args.name, recipe=recipe, log_every=50, init=args.init)
+        return 0
+    from mdt_ray.benchmark.compare import Budget, run_benchmark, teachers_report
+
+    if args.command == "teachers":
+        report = teachers_report(uris, None if args.exact_only else args.teacher, args.test_assets,
+                                 exact=not args.learned_only)
+        if args.json:
+            import json
+
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=1))
+            from mdt_ray.benchmark.corpus import distribution
+            from mdt_ray.eval.render import render_grid
+
+            d = distribution()
+            render_grid([("true modes", d.occupancy.copy())], Path(args.json).parent / "truth_modes.png",
+                        column_labels=[n.replace("/", " ")[:14] for n in d.mode_names])
+        return 0
+
+    budget = Budget.quick() if args.quick else Budget()
+    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds"):
+        if getattr(args, name) is not None:
+            setattr(budget, name, getattr(args, name))
+    out = args.out or str(ROOT / ("runs/benchmark-quick" if args.quick else "runs/benchmark"))
+    run_benchmark(uris, args.teacher, out, budget, sweep=not args.no_sweep, track=not args.no_mlflow)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""The learned teacher: a TRELLIS SparseStructureFlowModel trained to regress the exact velocity.
+
+Flow matching on samples regresses (1 − σ_min)·ε − x0, whose conditional mean is the velocity
+field; here the target is that mean itself (mdt_ray.benchmark.exact), so the loss has no target
+noise and the network converges in a fraction of the steps. The condition is replaced by the zero
+(negative) condition for `p_uncond` of the samples, and then the target is the *unconditional*
+exact velocity, so the network learns what classifier-free guidance needs as TRELLIS teachers do.
+
+The optimizer step is mdt_ray.engine's (AdamW, clipping, EMA) with pre-training's warm-up + cosine
+schedule and data order (mdt_ray.pretrain); the objective is registered as `exact` in
+mdt_ray.objectives.METHODS by this module. Reproduce the committed teacher with the command in
+docs/benchmark.md (`python benchmarks/methods.py teacher`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from mdt_ray import objectives
+from mdt_ray.flow import batch_size, diffuse
+
+# Patch size 2 (512 tokens of 8·2³ = 64 values) and width 96: the network has to pass the noise
+# through (v* ≈ ε − x0 at small t, (1 − σ_min)·x − μ̄ at t = 1), which a token narrower than its
+# patch cannot do; patch 4 at width 96 keeps only 96 of 512 directions and never samples a shape.
+TEACHER_CONFIG: dict[str, Any] = {"name": "SparseStructureFlowModel", "args": {
+    "resolution": 16, "in_channels": 8, "out_channels": 8, "model_channels": 96, "cond_channels": 64,
+    "num_blocks": 2, "num_heads": 4, "mlp_ratio": 4, "patch_size": 2, "pe_mode": "ape", "qk_rms_norm": True,
+    "use_fp16": False,
+}}
+TEACHER_NAME = "teacher_ss_multimodal"
+
+
+@dataclass
+class ExactRegression:
+    """The `distill` settings the Engine hands the `exact` objective (draw_inputs reads the times)."""
+
+    method: str = "exact"
+    t_schedule: str = "logit_normal"
+    t_mean: float = 0.0
+    t_std: float = 1.2
+    sigma_min: float = 1e-5
+    dt: float = 0.0
+    derivative: str = "discrete"
+    p_uncond: float = 0.1
+
+
+def exact_regression_loss(model: torch.nn.Module, exact: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, *,
+                          noise: torch.Tensor, t: torch.Tensor, drop: Optional[torch.Tensor] = None,
+                          sigma_min: float = 1e-5) -> dict[str, Any]:
+    """mean‖f(x_t, t, c) − v*(x_t, t, c)‖² at x_t = diffuse(x0, noise, t); `drop` (B,) bool gives
+    those samples the zero condition and the unconditional target."""
+    if drop is not None:
+        cond = torch.where(drop.reshape(-1, 1, 1), torch.zeros_like(cond), cond)
+    x_t = diffuse(x0, noise, t, sigma_min)
+    with torch.no_grad():
+        target = exact(x_t, 1000 * t, cond)
+    pred = model(x_t, 1000 * t, cond)
+    loss = (pred - target).pow(2).mean()
+    return {"loss": loss, "loss_exact": loss.detach(), "batch": batch_size(x0)}
+
+
+def _exact_objective(distill, student, teacher, x0, cond, neg_cond, draws, generator):
+    drop = None
+    if distill.p_uncond > 0:
+        drop = torch.rand(batch_size(x0), generator=generator, device=x0.device) < distill.p_uncond
+    return exact_regression_loss(student, teacher, x0, cond, noise=draws["noise"], t=draws["t"], drop=drop,
+                                 sigma_min=distill.sigma_min)
+
+
+objectives.METHODS.setdefault("exact", _exact_objective)
+
+
+@dataclass
+class TeacherRecipe:
+    steps: int = 600
+    batch_size: int = 16
+    lr: float = 1.5e-3
+    weight_decay: float = 0.0
+    # 0.99: a 0.999 average still holds 0.999^600 ≈ 55 % of the initial weights after 600 steps.
+    ema: float = 0.99
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def _train_config(r: TeacherRecipe):
+    from mdt_ray.config import TrainConfig
+
+    return TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, betas=(0.9, 0.99),
+                       ema=r.ema, grad_clip=r.grad_clip, seed=r.seed, mixed_precision="fp32")
+
+
+def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER_NAME,
+                     recipe: Optional[TeacherRecipe] = None, config: Optional[dict[str, Any]] = None,
+                     log: Callable[[str], None] = print, log_every: int = 100, snapshot_every: int = 0,
+                     on_log: Optional[Callable[[int, dict[str, float]], None]] = None,
+                     init: Optional[str] = None) -> dict[str, Any]:
+    """Train (from scratch, or continue from the TRELLIS json `init`) on the corpus at `train_uri`, export the EMA weights to `<out_dir>/<name>.{json,safetensors}`
+    and a `<name>.train.json` with the recipe, timings and loss curve; returns that summary."""
+    from mdt_ray.benchmark.corpus import distribution
+    from mdt_ray.data.storage import StorageTarget
+    from mdt_ray.engine import Engine
+    from mdt_ray.models import build_model, export_trellis
+    from mdt_ray.pretrain import lr_at, train_steps
+    from mdt_ray.stages import get_stage
+
+    recipe = recipe or TeacherRecipe()
+    stage = get_stage("ss")
+    split = stage.load(StorageTarget(train_uri))
+    torch.manual_seed(recipe.seed)
+    if init is not None:
+        from mdt_ray.models import load_trellis
+
+        model = load_trellis(init).float().train().requires_grad_(True)
+    else:
+        model = build_model(config or TEACHER_CONFIG).float().train()
+    exact = distribution().exact_teacher()
+    tc = _train_config(recipe)
+    engine = Engine(model, exact, stage=stage, distill=ExactRegression(), train=tc, keep_ema=True,
+                    lr_at=lambda s: lr_at(s, tc.steps, tc.lr))
+    params = sum(p.numel() for p in model.parameters())
+    log(f"[teacher] {params / 1e6:.2f}M parameters, {recipe.steps} steps × batch {recipe.batch_size} on "
+        f"{len(split)} assets of {train_uri}")
+    curve, window, t0, cpu0 = [], [], time.perf_counter(), time.process_time()
+    for step, _epoch, loss, grad_norm in train_steps(engine, split):
+        window.append(loss)
+        if (step + 1) % log_every == 0 or step + 1 == recipe.steps:
+            mean = sum(window) / len(window)
+            curve.append([step + 1, mean])
+            elapsed = time.perf_counter() - t0
+            log(f"[teacher] step {step + 1}/{recipe.steps} loss {mean:.5f} grad {grad_norm:.3g} lr {engine.lr:.3g} "
+                f"{elapsed / (step + 1):.3f} s/step")
+            if on_log is not None:
+                on_log(step + 1, {"loss": mean, "grad_norm": grad_norm, "lr": engine.lr})
+            window = []
+        if snapshot_every and (step + 1) % snapshot_every == 0 and step + 1 < recipe.steps:
+            export_trellis(engine.averaged_model(), Path(out_dir) / "snapshots", f"{name}_{step + 1:06d}", fp16=False)
+    train_s, cpu_s = time.perf_counter() - t0, time.process_time() - cpu0
+    final = engine.averaged_model().eval().requires_grad_(False)
+    json_path, st_path = export_trellis(final, out_dir, name, fp16=False)
+    summary = {"json": str(json_path), "safetensors": str(st_path), "params": params, "train_s": train_s,
+               "cpu_s": cpu_s, "recipe": recipe.__dict__, "objective": ExactRegression().__dict__,
+               "train_uri": train_uri, "init": init, "curve": curve}
+    Path(out_dir, f"{name}.train.json").write_text(json.dumps(summary, indent=1))
+    log(f"[teacher] done in {train_s / 60:.1f} min ({cpu_s:.0f} s CPU) -> {json_path}")
+    return summary
+
+
+def field_error(model: torch.nn.Module, split, *, n: int = 256, seed: int = 0,
+                times=(0.05, 0.25, 0.5, 0.75, 0.95, 1.0)) -> dict[str, float]:
+    """Relative error ‖f − v*‖² / ‖v*‖² of a model against the exact field, at fixed times on
+    held-out (x0, cond) pairs of `split`, conditional and unconditional."""
+    from mdt_ray.benchmark.corpus import distribution
+
+    exact = distribution().exact_teacher()
+    g = torch.Generator().manual_seed(seed)
+    x0, cond = split.x0[:n], split.cond[:n]
+    out = {}
+    with torch.no_grad():
+        for t_val in times:
+            noise = torch.randn(x0.shape, generator=g)
+            t = torch.full((x0.shape[0],), float(t_val))
+            x_t = diffuse(x0, noise, t)
+            for label, c in (("cond", cond), ("uncond", torch.zeros_like(cond))):
+                v = exact(x_t, 1000 * t, c)
+                f = model(x_t, 1000 * t, c)
+                out[f"rel_err_{label}_t{t_val:g}"] = float((f - v).pow(2).sum() / v.pow(2).sum())
+    return out
