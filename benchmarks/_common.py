@@ -148,3 +148,11 @@ class PeriodicSampler:
         self._stop.set()
         self._thread.join()
         self.sample()
+
+
+def save_figure(fig, path) -> None:
+    """A benchmark's plot as a PNG at `path` (its folder made)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"[bench] wrote {path}", flush=True)

@@ -33,7 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_json  # noqa: E402
+from benchmarks._common import save_figure, write_json  # noqa: E402
 from mdt_ray.models import build_model, count_parameters  # noqa: E402
 from mdt_ray.train.state import save_checkpoint, scratch_dir  # noqa: E402
 
@@ -157,9 +157,7 @@ def plot(rows: list[dict], path: str) -> None:
     ax.set_xlabel("checkpoint size (GB)"), ax.set_ylabel("seconds")
     ax.set_title("Checkpoint time vs size (2-core CPU)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"[bench] wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

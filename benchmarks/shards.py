@@ -34,7 +34,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks._common import PeriodicSampler, descendants, write_json  # noqa: E402
+from benchmarks._common import PeriodicSampler, descendants, save_figure, write_json  # noqa: E402
 from benchmarks.ingest import _rollup, scale_corpus  # noqa: E402
 
 
@@ -148,9 +148,7 @@ def plot(res: dict, path: str) -> None:
     axes[1].set_xscale("log"), axes[1].set_xlabel("shards"), axes[1].set_ylabel("peak private MiB")
     axes[1].set_title("memory during the epoch"), axes[1].legend(fontsize=8)
     fig.suptitle("Ingest vs shard count (loopback S3, 2-core CPU)", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"[bench] wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import random_batch, set_threads, timed, write_json  # noqa: E402
+from benchmarks._common import random_batch, save_figure, set_threads, timed, write_json  # noqa: E402
 from mdt_ray.config import DistillConfig, TrainConfig  # noqa: E402
 from mdt_ray.engine import Engine  # noqa: E402
 from mdt_ray.models import count_parameters  # noqa: E402
@@ -53,9 +53,7 @@ def plot(rows: list[dict], path: str, threads: int) -> None:
     axes[1].set_xscale("log"), axes[1].set_yscale("log")
     axes[1].set_xlabel("parameters"), axes[1].set_ylabel("s / asset"), axes[1].set_title("step time per asset vs model")
     fig.suptitle(f"MDT-dist step on CPU (fp32, {threads} thread(s))", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    print(f"[bench] wrote {path}")
+    save_figure(fig, path)
 
 
 def main(argv=None) -> dict:

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.sparse_conv import pair_list_conv  # the formulation the gather replaced
 from mdt_ray.models.sparse import (
     _CENTRE,
     SparseBatch,
@@ -24,16 +25,6 @@ def voxels(counts, res, seed, channels, dtype=torch.float32):
         coords.append(torch.stack([flat // res**2, flat // res % res, flat % res], dim=1))
         feats.append(torch.randn(n, channels, generator=g, dtype=dtype))
     return SparseBatch.from_list(coords, feats)
-
-
-def pair_list_conv(x: SparseBatch, weight, bias):
-    """The formulation the gather replaced: per slot, GEMM over existing pairs, then index_add."""
-    w = weight.flatten(1, 3)
-    out = F.linear(x.feats, w[:, _CENTRE], bias)
-    for slot, (out_rows, in_rows) in enumerate(neighbour_pairs(x)):
-        if slot != _CENTRE and out_rows.numel():
-            out = out.index_add(0, out_rows, F.linear(x.feats.index_select(0, in_rows), w[:, slot]))
-    return out
 
 
 def close(a, b, tol):
