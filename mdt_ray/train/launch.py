@@ -281,7 +281,8 @@ def discard_unstarted(run_dir: RunDir) -> bool:
     return True
 
 
-_RAY_ADVICE = ("To change retry attempts", "To ignore this exception")
+# Lines Ray Data 2.60 adds to an I/O error it re-raises: its retry count and its advice.
+_RAY_ADVICE = ("To change retry attempts", "To ignore this exception", "Failed to apply UDF transform after")
 
 
 def failure_line(error: BaseException) -> str:
@@ -300,10 +301,10 @@ def failure_line(error: BaseException) -> str:
     # transform after 1/1 attempts" from a store's OSError): the innermost cause is the story.
     if isinstance(error.__cause__, Exception) and not isinstance(error, RunError):
         return failure_line(error.__cause__)
-    # Ray Data appends advice to the I/O error it re-raises ("To change retry attempts, ..."):
-    # the line that says what failed comes before it.
-    lines = [line.strip() for line in str(error).splitlines()
-             if line.strip() and not line.strip().startswith(_RAY_ADVICE)]
+    # Ray Data appends its retry count and advice to the I/O error it re-raises (_RAY_ADVICE):
+    # the line that says what failed comes before them.
+    every = [line.strip() for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in every if not line.startswith(_RAY_ADVICE)] or every
     if not lines:
         return type(error).__name__
     return lines[-1] if isinstance(error, RunError) else f"{type(error).__name__}: {lines[-1]}"
