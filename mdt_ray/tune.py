@@ -237,10 +237,9 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
            driver_cpus: float) -> None:
     """One trial: a distillation run launched as `distill` launches one, under the sweep's MLflow
     parent run, reported to Tune through TuneReportCallback."""
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    import ray
 
     from mdt_ray.train.launch import Tracking, launch
 
