@@ -160,6 +160,31 @@ def plot(rows: list[dict], path: str) -> None:
     save_figure(fig, path)
 
 
+def _measure(server, args, res: dict) -> None:
+    """The sizes and the loop's wait, on `server`."""
+    bucket = server.create_bucket("ckpt-bench")
+    for i, m in enumerate(args.models):
+        r = measure_size(m, f"s3://{bucket}/size/{i}_{m}")
+        res["sizes"].append(r)
+        print(f"[ckpt] {m}: {r['parameters'] / 1e6:.1f} M params, {r['bytes'] / 1e9:.3f} GB, write {r['write_s']:.2f} s "
+              f"({r['write_gb_s']:.2f} GB/s), upload {r['upload_s']:.2f} s ({r['upload_gb_s']:.2f} GB/s) "
+              f"(load {r['load']:.1f})", flush=True)
+    big = res["sizes"][-1]
+    gb = args.extrapolate_gb * 1e9
+    res["extrapolated"] = {"bytes": gb, "write_s": gb / (big["write_gb_s"] * 1e9),
+                           "upload_s": gb / (big["upload_gb_s"] * 1e9), "from": big["model"]}
+    e = res["extrapolated"]
+    print(f"[ckpt] {args.extrapolate_gb:g} GB at {big['model']}'s rates: write {e['write_s']:.0f} s, "
+          f"upload {e['upload_s']:.0f} s", flush=True)
+    for mode in ("sync", "async"):
+        r = step_loop(args.step_model, args.wait_model, f"s3://{bucket}/wait/{mode}", mode)
+        res["wait"].append(r)
+        during = f"{r['step_s_during_upload']:.3f}" if r["step_s_during_upload"] else "n/a"
+        print(f"[ckpt] {mode:5s}: loop held {r['held_s']:.2f} s of a {r['upload_s']:.2f} s upload "
+              f"({100 * r['held_over_upload']:.0f} %; write {r['write_s']:.2f} s); step {r['step_s_before']:.3f} s "
+              f"before, {during} s during ({r['steps_during_upload']} steps) (load {r['load']:.1f})", flush=True)
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["ss-tiny", "ss-demo", "ss-B"])
@@ -171,32 +196,17 @@ def main(argv=None) -> dict:
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from tests.s3_server import LocalS3, apply_env
+    from tests.s3_server import LocalS3, apply_env, restore_env
 
     res: dict = {"loadavg_start": os.getloadavg(), "sizes": [], "wait": []}
     with LocalS3() as server:
-        apply_env(server.env())
-        bucket = server.create_bucket("ckpt-bench")
-        for i, m in enumerate(args.models):
-            r = measure_size(m, f"s3://{bucket}/size/{i}_{m}")
-            res["sizes"].append(r)
-            print(f"[ckpt] {m}: {r['parameters'] / 1e6:.1f} M params, {r['bytes'] / 1e9:.3f} GB, write {r['write_s']:.2f} s "
-                  f"({r['write_gb_s']:.2f} GB/s), upload {r['upload_s']:.2f} s ({r['upload_gb_s']:.2f} GB/s) "
-                  f"(load {r['load']:.1f})", flush=True)
-        big = res["sizes"][-1]
-        gb = args.extrapolate_gb * 1e9
-        res["extrapolated"] = {"bytes": gb, "write_s": gb / (big["write_gb_s"] * 1e9),
-                               "upload_s": gb / (big["upload_gb_s"] * 1e9), "from": big["model"]}
-        e = res["extrapolated"]
-        print(f"[ckpt] {args.extrapolate_gb:g} GB at {big['model']}'s rates: write {e['write_s']:.0f} s, "
-              f"upload {e['upload_s']:.0f} s", flush=True)
-        for mode in ("sync", "async"):
-            r = step_loop(args.step_model, args.wait_model, f"s3://{bucket}/wait/{mode}", mode)
-            res["wait"].append(r)
-            during = f"{r['step_s_during_upload']:.3f}" if r["step_s_during_upload"] else "n/a"
-            print(f"[ckpt] {mode:5s}: loop held {r['held_s']:.2f} s of a {r['upload_s']:.2f} s upload "
-                  f"({100 * r['held_over_upload']:.0f} %; write {r['write_s']:.2f} s); step {r['step_s_before']:.3f} s "
-                  f"before, {during} s during ({r['steps_during_upload']} steps) (load {r['load']:.1f})", flush=True)
+        # The server's AWS_* for this run only (in the test suite, the session's S3 server must
+        # be what later tests reach).
+        saved = apply_env(server.env())
+        try:
+            _measure(server, args, res)
+        finally:
+            restore_env(saved)
     if args.plot:
         plot(res["sizes"], args.plot)
     write_json(args.json, res)

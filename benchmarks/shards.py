@@ -90,43 +90,53 @@ def child(uri: str, batch: int, cpus: int, epoch_rows: int) -> dict:
 
 
 def run(counts: list[int], base: int, batch: int, cpus: int, epoch_rows: int, log=print) -> dict:
-    from mdt_ray.data import storage
-    from mdt_ray.data.corpus import build_synthetic
-    from mdt_ray.data.schema import MANIFEST_FILE
-    from tests.s3_server import LocalS3, apply_env
+    from tests.s3_server import LocalS3, apply_env, restore_env
 
     res: dict = {"counts": counts, "base": base, "batch": batch, "cpus": cpus, "loadavg_start": os.getloadavg(),
                  "runs": []}
     with LocalS3() as server:
-        apply_env(server.env())
-        bucket = server.create_bucket("shards-bench")
-        base_uri = f"s3://{bucket}/base"
-        t0 = time.perf_counter()
-        build_synthetic(base_uri, base, seed=0, num_shards=base, use_ray=False, progress=False)
-        log(f"[shards] built {base} one-row shards in {time.perf_counter() - t0:.1f} s")
-        for n in counts:
-            if n % base:
-                raise SystemExit(f"--counts {n} is not a multiple of --base {base}")
-            uri = base_uri if n == base else f"s3://{bucket}/x{n}"
-            if n != base:
-                t0 = time.perf_counter()
-                scale_corpus(base_uri, uri, n // base)
-                log(f"[shards] copied to {n} shards in {time.perf_counter() - t0:.1f} s")
-            fs, path = storage.StorageTarget(uri).pyarrow_fs()
-            manifest_bytes = fs.get_file_info(f"{path}/{MANIFEST_FILE}").size
-            out = subprocess.run([sys.executable, __file__, "--child", uri, str(batch), str(cpus), str(epoch_rows)],
-                                 capture_output=True, text=True, timeout=3600)
-            if out.returncode != 0:
-                raise RuntimeError(f"reading {n} shards failed:\n{out.stderr[-4000:]}")
-            r = json.loads(out.stdout.strip().splitlines()[-1])
-            r["manifest_bytes"] = manifest_bytes
-            r["loadavg"] = os.getloadavg()[0]
-            res["runs"].append(r)
-            log(f"[shards] {n:5d} shards: first batch {r['first_batch_s']:.1f} s (manifest {r['manifest_s']:.2f} s, "
-                f"footers {r['verify_s']:.1f} s, make_dataset {r['make_dataset_s']:.1f} s), epoch of {r['rows']} rows {r['epoch_s']:.1f} s, driver "
-                f"{r['driver_private_mib']:.0f} MiB, largest worker {r['worker_private_mib']:.0f} MiB, manifest "
-                f"{manifest_bytes / 1024:.0f} KiB (load {r['loadavg']:.1f})")
+        # The server's AWS_* for this run only: in the test suite, the session's own S3 server
+        # must be what later tests reach.
+        saved = apply_env(server.env())
+        try:
+            _run_counts(server, counts, base, batch, cpus, epoch_rows, log, res)
+        finally:
+            restore_env(saved)
     return res
+
+
+def _run_counts(server, counts: list[int], base: int, batch: int, cpus: int, epoch_rows: int, log, res: dict) -> None:
+    from mdt_ray.data import storage
+    from mdt_ray.data.corpus import build_synthetic
+    from mdt_ray.data.schema import MANIFEST_FILE
+
+    bucket = server.create_bucket("shards-bench")
+    base_uri = f"s3://{bucket}/base"
+    t0 = time.perf_counter()
+    build_synthetic(base_uri, base, seed=0, num_shards=base, use_ray=False, progress=False)
+    log(f"[shards] built {base} one-row shards in {time.perf_counter() - t0:.1f} s")
+    for n in counts:
+        if n % base:
+            raise SystemExit(f"--counts {n} is not a multiple of --base {base}")
+        uri = base_uri if n == base else f"s3://{bucket}/x{n}"
+        if n != base:
+            t0 = time.perf_counter()
+            scale_corpus(base_uri, uri, n // base)
+            log(f"[shards] copied to {n} shards in {time.perf_counter() - t0:.1f} s")
+        fs, path = storage.StorageTarget(uri).pyarrow_fs()
+        manifest_bytes = fs.get_file_info(f"{path}/{MANIFEST_FILE}").size
+        out = subprocess.run([sys.executable, __file__, "--child", uri, str(batch), str(cpus), str(epoch_rows)],
+                             capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise RuntimeError(f"reading {n} shards failed:\n{out.stderr[-4000:]}")
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r["manifest_bytes"] = manifest_bytes
+        r["loadavg"] = os.getloadavg()[0]
+        res["runs"].append(r)
+        log(f"[shards] {n:5d} shards: first batch {r['first_batch_s']:.1f} s (manifest {r['manifest_s']:.2f} s, "
+            f"footers {r['verify_s']:.1f} s, make_dataset {r['make_dataset_s']:.1f} s), epoch of {r['rows']} rows {r['epoch_s']:.1f} s, driver "
+            f"{r['driver_private_mib']:.0f} MiB, largest worker {r['worker_private_mib']:.0f} MiB, manifest "
+            f"{manifest_bytes / 1024:.0f} KiB (load {r['loadavg']:.1f})")
 
 
 def plot(res: dict, path: str) -> None:

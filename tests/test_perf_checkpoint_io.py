@@ -12,8 +12,12 @@ from mdt_ray.train.state import verify_checkpoint  # noqa: E402
 
 
 def test_sizes_rates_and_the_wait(tmp_path):
+    import os
+
+    before = os.environ.get("AWS_ENDPOINT_URL")
     res = checkpoint_io.main(["--models", "ss-tiny", "--wait-model", "ss-tiny", "--step-model", "ss-tiny",
                               "--plot", str(tmp_path / "c.png")])
+    assert os.environ.get("AWS_ENDPOINT_URL") == before  # the benchmark's own server is gone; not its env
     (size,) = res["sizes"]
     # student + EMA + two AdamW moments, fp32: four copies of the parameters, plus buffers and JSON
     assert size["bytes"] > 4 * 4 * size["parameters"]
