@@ -130,7 +130,8 @@ def test_an_oversubscribed_run_is_refused_at_once_and_leaves_nothing(ray_local, 
     from mdt_ray.train.launch import distill
 
     cfg = load_config(DEMO, [f"data.uri={corpus}", "data.eval_uri=null", "model.teacher=ss-tiny",
-                             "scale.num_workers=2", "scale.cpus_per_worker=2", "run.name=greedy",
+                             "scale.num_workers=2", "scale.cpus_per_worker=2", "train.batch_size=4",
+                             "run.name=greedy",
                              f"run.storage_path={tmp_path}/runs", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"])
     t0 = time.monotonic()
     with pytest.raises(RunError) as e:

@@ -131,8 +131,17 @@ def test_sweep_config_runs_as_shipped(ray_local, corpora, job_env, tmp_path, sea
     else:
         by_lr = sorted(result["trials"], key=lambda t: -t["params"]["train.lr"])
         assert [t["status"] for t in by_lr] == statuses and result["best"]["params"]["train.lr"] == 3.0e-4
-    (parent,) = [r for r in _mlflow_runs(tmp_path, "mdt-ray-demo") if r.info.run_id == result["parent_run_id"]]
+    runs = _mlflow_runs(tmp_path, "mdt-ray-demo")
+    (parent,) = [r for r in runs if r.info.run_id == result["parent_run_id"]]
     assert parent.info.status == "FINISHED"
+    if statuses is not None:
+        # Each trial's MLflow child run closed as its trial ended: a stopped one KILLED and tagged.
+        children = {r.data.tags["mdt_ray.trial_id"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+        for trial in result["trials"]:
+            child = children[trial["trial"]]
+            assert child.info.status == ("FINISHED" if trial["status"] == "DONE" else "KILLED"), trial
+            if trial["status"] == "STOPPED":
+                assert child.data.tags["mdt_ray.stopped_early"] == "true"
 
 
 # -- one line for what the user got wrong, and nothing left behind ----------------------------------

@@ -77,7 +77,10 @@ def test_grid_sweep_over_lambda_and_dt_with_mlflow_parent_and_children(ray_local
         ("0.5", "0.01"), ("0.5", "0.05"), ("1.0", "0.01"), ("1.0", "0.05")}
 
 
+# The default suite has ASHA stopping a trial in test_shipped_configs.py (the shipped sweep, its
+# stopped trial's MLflow run KILLED): this in-process variant runs with the slow tests.
 @pytest.mark.ray
+@pytest.mark.slow
 def test_asha_stops_worse_trials_early(ray_local, corpus, tmp_path):
     # Built so the outcome is certain: the metric is the learning rate itself (mode max) and the
     # grid runs best-first, one trial at a time, so every later trial trails at the first rung.
