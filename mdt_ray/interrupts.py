@@ -44,6 +44,7 @@ def sigterm_as_interrupt():
         _last_signal.append(signal.Signals(signum).name)
         raise Interrupted(signal.Signals(signum).name)
 
+    _last_signal.clear()  # a signal of an earlier command in this process says nothing of this one
     previous = signal.signal(signal.SIGTERM, handler)
     _active_handler.append(handler)
     try:
