@@ -2,6 +2,7 @@
 
     python benchmarks/methods.py corpora                 # train / val / test corpora under data/
     python benchmarks/methods.py teacher                 # the committed learned teacher (mdt_ray/assets)
+    python benchmarks/methods.py diagnose                # where its own sampler goes wrong
     python benchmarks/methods.py run --quick             # the CI smoke run (minutes)
     python benchmarks/methods.py run                     # the full comparison (docs/benchmark.md)
     python benchmarks/methods.py run --steps 2000 ...    # larger budgets
@@ -35,6 +36,23 @@ def build_corpora(root: Path, *, overwrite: bool = False) -> dict[str, str]:
     return uris
 
 
+def diagnose(args) -> int:
+    import json
+
+    from mdt_ray.benchmark.teacher import trajectory_diagnosis
+    from mdt_ray.models import load_trellis
+
+    model = load_trellis(args.teacher).float().eval()
+    rows = trajectory_diagnosis(model, per_condition=args.per_condition)
+    print(f"{args.teacher}: its 25-step trajectory (TRELLIS grid) from fixed noise, {args.per_condition} per condition")
+    print(f"{'t':>6} {'x0-hat IoU':>11} {'right cond.':>12} {'exact x0-hat IoU':>17} {'field rel. err':>15}")
+    for r in rows:
+        print(f"{r['t']:6.3f} {r['iou']:11.3f} {r['right_condition']:12.2f} {r['exact_iou']:17.3f} {r['rel_err']:15.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: cores shared with other jobs)")
@@ -47,6 +65,9 @@ def main(argv=None) -> int:
     t.add_argument("--name", default="teacher_ss_multimodal")
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--lr", type=float, default=None)
+    t.add_argument("--t-mean", type=float, default=None, help="training times ~ logit-normal(t_mean, t_std)")
+    t.add_argument("--t-std", type=float, default=None)
+    t.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA weights every N steps")
     t.add_argument("--init", default=None, help="continue from this TRELLIS json instead of a fresh model")
     t.add_argument("--root", default=str(ROOT))
     e = sub.add_parser("teachers", help="score the exact and the learned teacher at 1, 2 and 25 steps")
@@ -56,6 +77,10 @@ def main(argv=None) -> int:
     e.add_argument("--test-assets", type=int, default=256)
     e.add_argument("--root", default=str(ROOT))
     e.add_argument("--json", default=None, help="write the rows (and the learned teacher's field error) here")
+    g = sub.add_parser("diagnose", help="where a learned teacher's own sampler goes wrong (field error along it)")
+    g.add_argument("--teacher", default=str(ROOT / TEACHER))
+    g.add_argument("--per-condition", type=int, default=8)
+    g.add_argument("--json", default=None)
     r = sub.add_parser("run", help="the method comparison")
     r.add_argument("--quick", action="store_true", help="tiny budget: the CI smoke run")
     r.add_argument("--out", default=None, help="output folder (default runs/benchmark[-quick])")
@@ -73,6 +98,8 @@ def main(argv=None) -> int:
     if args.command == "corpora":
         print(build_corpora(Path(args.root), overwrite=args.overwrite))
         return 0
+    if args.command == "diagnose":
+        return diagnose(args)
     uris = build_corpora(Path(args.root))
     if args.command == "teacher":
         from mdt_ray.benchmark.teacher import TeacherRecipe, pretrain_teacher
@@ -80,7 +107,10 @@ def main(argv=None) -> int:
         recipe = TeacherRecipe()
         recipe.steps = args.steps or recipe.steps
         recipe.lr = args.lr or recipe.lr
-        pretrain_teacher(uris["train"], args.out, name=args.name, recipe=recipe, log_every=50, init=args.init)
+        recipe.t_mean = recipe.t_mean if args.t_mean is None else args.t_mean
+        recipe.t_std = args.t_std or recipe.t_std
+        pretrain_teacher(uris["train"], args.out, name=args.name, recipe=recipe, log_every=50, init=args.init,
+                         snapshot_every=args.snapshot_every)
         return 0
     from mdt_ray.benchmark.compare import Budget, run_benchmark, teachers_report
 

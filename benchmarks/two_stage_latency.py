@@ -17,7 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import cond_tokens, timed, write_json  # noqa: E402
+from benchmarks._common import cond_tokens, write_json  # noqa: E402
+from mdt_ray.eval.latency import time_interleaved  # noqa: E402
 from mdt_ray.models import build_model  # noqa: E402
 from mdt_ray.two_stage import StageSampling, sample_two_stage  # noqa: E402
 
@@ -60,11 +61,16 @@ def main(argv=None) -> dict:
         sample_two_stage(ss_model, slat_model, cond, ss=ss, slat=slat, structure_to_coords=structure,
                          generator=torch.Generator().manual_seed(0))
 
-    times = {name: timed(lambda: run(ss, slat), args.repeats, device) / args.batch
-             for name, (ss, slat) in variants.items()}
+    def call(ss, slat):
+        return lambda: run(ss, slat)
+
+    with torch.no_grad():
+        per_call = time_interleaved({name: call(*v) for name, v in variants.items()}, repeats=args.repeats,
+                                    device=device)
+    times = {name: seconds / args.batch for name, seconds in per_call.items()}
     base = times[next(iter(variants))]
     print(f"two-stage sampling, {args.ss} + {args.slat}, batch {args.batch}, {len(coords)} voxels/asset, {device}, "
-          f"median of {args.repeats}")
+          f"median of {args.repeats} interleaved rounds of equal length")
     print(f"{'':36s}{'s/asset':>10s}{'speed-up':>10s}")
     for name, t in times.items():
         print(f"{name:36s}{t:10.4f}{base / t:9.1f}x")

@@ -218,3 +218,23 @@ def test_corpus_build_kind_multimodal_writes_the_drawn_modes(tmp_path):
     assert np.array_equal(split.x0.numpy(), d.latents[[m for _, m in drawn]])
     # The cond column is stored in float16; the exact teacher still recognises every row.
     assert np.array_equal(d.exact_teacher().condition_index(split.cond).numpy(), [k for k, _ in drawn])
+
+
+def test_trajectory_diagnosis_of_the_exact_field_and_of_a_field_that_ignores_the_data():
+    from mdt_ray.benchmark.teacher import trajectory_diagnosis
+
+    from mdt_ray.benchmark.corpus import distribution
+
+    dist = distribution()
+    rows = trajectory_diagnosis(dist.exact_teacher(), per_condition=2)
+    assert len(rows) == 26 and rows[0]["t"] == 1.0 and rows[-1]["t"] == 0.0
+    # The exact field is its own reference: no error, and its trajectory ends on its conditions' modes.
+    assert all(r["rel_err"] < 1e-10 and r["iou"] == r["exact_iou"] for r in rows[:-1])
+    assert rows[-1]["iou"] == 1.0 and rows[-1]["right_condition"] == 1.0
+
+    class Noise(torch.nn.Module):  # v = x: x̂0 = (1 − t)·x_t, the noise shrunk, never a shape
+        def forward(self, x, t, cond):
+            return x
+
+    rows = trajectory_diagnosis(Noise(), per_condition=2)
+    assert rows[-1]["iou"] < 0.5 and max(r["rel_err"] for r in rows[:-1]) > 0.1

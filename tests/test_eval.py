@@ -16,7 +16,7 @@ import torch
 import mdt_ray.eval.latency as latency_module
 from mdt_ray.cli.eval import main as eval_main
 from mdt_ray.data.corpus import build_synthetic
-from mdt_ray.eval import flat_metrics, grid_size, measure_latency, sampler_nfe, speedups
+from mdt_ray.eval import flat_metrics, format_table, grid_size, measure_latency, nfe_ratios, sampler_nfe, speedups
 from mdt_ray.models import build_model, export_trellis
 from mdt_ray.models.teachers import PACKAGED_TEACHER, build_teacher, resolve_model_path, run_teacher_of
 from mdt_ray.stages import STUDENT_SAMPLER, get_stage
@@ -141,8 +141,10 @@ def test_latency_and_speedup_bookkeeping(monkeypatch):
     lat = measure_latency(entries, noise, cond, repeats=2)
     # Per sample: the teacher runs 44 rows for each of its inputs (19 guided steps twice, 6 once).
     assert lat == pytest.approx({"teacher": 44e-3, "1": 1e-3, "2": 2e-3})
-    # One warm-up round plus two timed rounds, each sampling a batch of 2.
-    assert model.rows == 3 * 2 * (44 + 1 + 2)
+    # A warm-up call each, then two rounds in which every entry samples (a batch of 2) as often as it
+    # takes to last as long as the teacher's one call: 44 one-step and 22 two-step calls.
+    assert model.rows == 2 * (44 + 1 + 2) + 2 * 2 * (44 + 44 * 1 + 22 * 2)
+    assert nfe_ratios(entries, "teacher") == pytest.approx({"teacher": 1.0, "1": 44.0, "2": 22.0})
     ups = speedups(lat, "teacher")
     assert ups == pytest.approx({"teacher": 1.0, "1": 44.0, "2": 22.0})
     assert sampler_nfe(25, TEACHER_SAMPLER) == 44
@@ -151,7 +153,7 @@ def test_latency_and_speedup_bookkeeping(monkeypatch):
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         measure_latency(entries, noise, cond, repeats=0)
 
-    # The fastest round counts: a round slowed by other work does not inflate the estimate.
+    # The median round counts: a round slowed by other work does not inflate the estimate.
     slow_once = {"n": 0}
 
     def jittery(x, t, c):
@@ -246,3 +248,15 @@ def test_bench_command_lists_runs_and_rejects(capsys):
     assert "unknown benchmark 'no_such_bench'" in capsys.readouterr().err
     # Arguments after the name reach the script itself.
     assert cli_main(["bench", "quality", "--no-such-flag"]) == 2
+
+
+def test_a_speedup_above_the_nfe_ratio_is_flagged_in_the_table():
+    result = {"settings": {"stage": "ss", "teacher_sampler": {"cfg_strength": 3.0}},
+              "teacher": {"nfe": 44, "steps": 25, "latency_s": 0.44, "speedup": 1.0},
+              "steps": {"1": {"nfe": 1, "latency_s": 0.008, "speedup": 55.0, "speedup_suspect": True},
+                        "2": {"nfe": 2, "latency_s": 0.021, "speedup": 21.0, "speedup_suspect": False}}}
+    table = format_table(result)
+    assert "55.0?" in table and "21.0x" in table
+    assert table.splitlines()[-1].startswith("? a speed-up above the ratio of network evaluations")
+    del result["steps"]["1"]
+    assert "?" not in format_table(result)

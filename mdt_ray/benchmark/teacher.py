@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 
 from mdt_ray import objectives
@@ -86,6 +87,10 @@ class TeacherRecipe:
     ema: float = 0.99
     grad_clip: float = 1.0
     seed: int = 0
+    # Training times ~ logit-normal(t_mean, t_std): the modes separate at t ≈ 0.95 (see
+    # docs/benchmark.md), so the network must see many high-t samples.
+    t_mean: float = 0.0
+    t_std: float = 1.2
 
 
 def _train_config(r: TeacherRecipe):
@@ -121,7 +126,8 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
         model = build_model(config or TEACHER_CONFIG).float().train()
     exact = distribution().exact_teacher()
     tc = _train_config(recipe)
-    engine = Engine(model, exact, stage=stage, distill=ExactRegression(), train=tc, keep_ema=True,
+    objective = ExactRegression(t_mean=recipe.t_mean, t_std=recipe.t_std)
+    engine = Engine(model, exact, stage=stage, distill=objective, train=tc, keep_ema=True,
                     lr_at=lambda s: lr_at(s, tc.steps, tc.lr))
     params = sum(p.numel() for p in model.parameters())
     log(f"[teacher] {params / 1e6:.2f}M parameters, {recipe.steps} steps × batch {recipe.batch_size} on "
@@ -144,7 +150,7 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
     final = engine.averaged_model().eval().requires_grad_(False)
     json_path, st_path = export_trellis(final, out_dir, name, fp16=False)
     summary = {"json": str(json_path), "safetensors": str(st_path), "params": params, "train_s": train_s,
-               "cpu_s": cpu_s, "recipe": recipe.__dict__, "objective": ExactRegression().__dict__,
+               "cpu_s": cpu_s, "recipe": recipe.__dict__, "objective": objective.__dict__,
                "train_uri": train_uri, "init": init, "curve": curve}
     Path(out_dir, f"{name}.train.json").write_text(json.dumps(summary, indent=1))
     log(f"[teacher] done in {train_s / 60:.1f} min ({cpu_s:.0f} s CPU) -> {json_path}")
@@ -171,3 +177,43 @@ def field_error(model: torch.nn.Module, split, *, n: int = 256, seed: int = 0,
                 f = model(x_t, 1000 * t, c)
                 out[f"rel_err_{label}_t{t_val:g}"] = float((f - v).pow(2).sum() / v.pow(2).sum())
     return out
+
+
+def trajectory_diagnosis(model: torch.nn.Module, *, per_condition: int = 8, steps: int = 25, rescale_t: float = 3.0,
+                         seed: int = 0) -> list[dict[str, float]]:
+    """Where a learned teacher's own sampler goes wrong: along its `steps`-step trajectory from
+    fixed noise, at each grid time t, how close its one-step estimate x̂0 = x_t − t·f(x_t) is to
+    a mode (best-mode IoU, and whether that mode is the condition's) and how close the exact
+    field's estimate at the same point is, with the relative field error there. The exact
+    estimate reaching IoU 1 while the learned one does not marks the times where the network
+    fails to separate the modes."""
+    from mdt_ray.benchmark.corpus import distribution
+    from mdt_ray.benchmark.score import match_modes
+    from mdt_ray.data.synthetic import decode_ss
+    from mdt_ray.flow import time_grid
+
+    dist = distribution()
+    exact = dist.exact_teacher()
+    of_mode = dist.condition_of_mode()
+    conditions = torch.arange(len(dist.components)).repeat(per_condition)
+    cond = torch.tensor(dist.cond, dtype=torch.float32)[conditions]
+    x = torch.randn(len(conditions), *dist.latents.shape[1:], generator=torch.Generator().manual_seed(seed))
+
+    def closeness(x0_hat: torch.Tensor) -> tuple[float, float]:
+        best, iou = match_modes(np.asarray(decode_ss(x0_hat.numpy())), dist.occupancy)
+        return float(iou.mean()), float((of_mode[best] == conditions.numpy()).mean())
+
+    rows = []
+    grid = time_grid(steps, rescale_t)
+    with torch.no_grad():
+        for t_cur, t_next in zip(grid[:-1], grid[1:]):
+            t = torch.full((len(conditions),), float(t_cur))
+            f, v = model(x, 1000 * t, cond), exact(x, 1000 * t, cond)
+            iou, right = closeness(x - t_cur * f)
+            exact_iou, _ = closeness(x - t_cur * v)
+            rows.append({"t": float(t_cur), "iou": iou, "right_condition": right, "exact_iou": exact_iou,
+                         "rel_err": float((f - v).pow(2).sum() / v.pow(2).sum())})
+            x = x - (t_cur - t_next) * f
+    iou, right = closeness(x)
+    rows.append({"t": 0.0, "iou": iou, "right_condition": right, "exact_iou": float("nan"), "rel_err": float("nan")})
+    return rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
 
@@ -25,31 +26,61 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.no_grad()
-def measure_latency(entries: dict[str, Entry], noise: Any, cond: torch.Tensor, *, repeats: int = 3
-                    ) -> dict[str, float]:
-    """Seconds per sample of each entry, sampling the batch `noise` (a dense tensor or a
-    SparseBatch) under `cond` on their device.
+def time_interleaved(calls: dict[str, Callable[[], Any]], *, repeats: int = 3, max_calls: int = 64,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Seconds per call of each callable, timed side by side.
 
-    Every entry is timed once per round, round after round (interleaved), after one untimed
-    warm-up call each, and the fastest round counts: on a shared machine the minimum is the
-    estimate least inflated by other work, and interleaving exposes every entry to the same load.
+    One untimed warm-up call each also measures how long it takes; then `repeats` rounds, every
+    callable in turn, and in each round a callable runs back to back as many times as it takes
+    to last about as long as the slowest one (at most `max_calls`). The median round counts.
+    Equal-length chunks matter on a shared machine: timed once each, a 1-step sampler
+    (milliseconds) often runs in a quiet gap while a 25-step one (a second) never does, and
+    their ratio came out above the ratio of network evaluations, which no sampler can beat.
     """
     if repeats < 1:
         raise ValueError(f"latency repeats must be >= 1, got {repeats}")
-    device = cond.device
+    if max_calls < 1:
+        raise ValueError(f"latency max_calls must be >= 1, got {max_calls}")
+    device = torch.device(device)
+
+    def run(fn: Callable[[], Any], n: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        _sync(device)
+        return time.perf_counter() - start
+
+    warm = {name: max(run(fn, 1), 1e-9) for name, fn in calls.items()}
+    longest = max(warm.values())
+    count = {name: max(1, min(max_calls, round(longest / w))) for name, w in warm.items()}
+    rounds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, fn in calls.items():
+            rounds[name].append(run(fn, count[name]) / count[name])
+    return {name: statistics.median(values) for name, values in rounds.items()}
+
+
+@torch.no_grad()
+def measure_latency(entries: dict[str, Entry], noise: Any, cond: torch.Tensor, *, repeats: int = 3,
+                    max_calls: int = 64) -> dict[str, float]:
+    """Seconds per sample of each entry, sampling the batch `noise` (a dense tensor or a
+    SparseBatch) under `cond` on their device, timed side by side (`time_interleaved`)."""
     neg = torch.zeros_like(cond)
-    best = {name: float("inf") for name in entries}
-    for round_ in range(repeats + 1):
-        for name, (model, steps, sampler) in entries.items():
-            _sync(device)
-            start = time.perf_counter()
-            flow.sample(model, noise, cond, neg, steps=steps, **sample_kwargs(sampler))
-            _sync(device)
-            elapsed = time.perf_counter() - start
-            if round_ > 0:  # round 0 warms caches and allocators up
-                best[name] = min(best[name], elapsed / cond.shape[0])
-    return best
+
+    def sampler(model: Callable, steps: int, sampler: dict[str, Any]) -> Callable[[], Any]:
+        return lambda: flow.sample(model, noise, cond, neg, steps=steps, **sample_kwargs(sampler))
+
+    calls = {name: sampler(*entry) for name, entry in entries.items()}
+    per_call = time_interleaved(calls, repeats=repeats, max_calls=max_calls, device=cond.device)
+    return {name: seconds / cond.shape[0] for name, seconds in per_call.items()}
+
+
+def nfe_ratios(entries: dict[str, Entry], reference: str) -> dict[str, float]:
+    """The reference's network evaluations over each entry's: the most its speed-up can be
+    (with a network evaluation costing the same in both, as on one device and batch size)."""
+    ref = sampler_nfe(entries[reference][1], entries[reference][2])
+    return {name: ref / sampler_nfe(steps, sampler) for name, (_, steps, sampler) in entries.items()}
 
 
 def speedups(latency: dict[str, float], reference: str) -> dict[str, float]:

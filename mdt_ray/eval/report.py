@@ -18,11 +18,14 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from mdt_ray.eval.latency import measure_latency, sampler_nfe, speedups
+from mdt_ray.eval.latency import measure_latency, nfe_ratios, sampler_nfe, speedups
 from mdt_ray.eval.render import render_grid
 from mdt_ray.stages import STUDENT_SAMPLER, Split, Stage, get_stage, stage_of_model
 
 Log = Callable[[str], None]
+# How far a measured speed-up may exceed the ratio of network evaluations before it is flagged.
+SPEEDUP_TOLERANCE = 1.1
+
 # Without a terminal (a Ray job's log, CI) a long sampler reports its batches at most this often,
 # so that the log shows it is alive without a line per network call.
 PROGRESS_EVERY_S = 30.0
@@ -125,14 +128,24 @@ def _sample_and_score(split: Split, noise: Any, run: _Run, batch_size: int, devi
 
 
 def _add_latency(scored: dict[str, dict[str, Any]], runs: list[_Run], split: Split, noise: Any, m: int,
-                 device: torch.device, repeats: int) -> None:
+                 device: torch.device, repeats: int, log: Optional[Log]) -> None:
     x, cond = split.stage.sampler_input(split, noise, 0, m, device)
-    latency = measure_latency({r.name: (r.model, r.steps, r.sampler) for r in runs}, x, cond, repeats=repeats)
-    ups = speedups(latency, "teacher") if "teacher" in latency else {}
+    entries = {r.name: (r.model, r.steps, r.sampler) for r in runs}
+    latency = measure_latency(entries, x, cond, repeats=repeats)
+    if "teacher" not in latency:
+        for name, entry in scored.items():
+            entry["latency_s"] = latency[name]
+        return
+    ups, bounds = speedups(latency, "teacher"), nfe_ratios(entries, "teacher")
     for name, entry in scored.items():
-        entry["latency_s"] = latency[name]
-        if ups:
-            entry["speedup"] = ups[name]
+        entry["latency_s"], entry["speedup"] = latency[name], ups[name]
+        # Same network size, device and batch: no sampler can beat the ratio of evaluations by
+        # more than timing noise, so a speed-up above it says the timing is not to be trusted.
+        entry["speedup_suspect"] = bool(ups[name] > SPEEDUP_TOLERANCE * bounds[name])
+        if entry["speedup_suspect"] and log is not None:
+            log(f"[eval] warning: the {name}-step speed-up {ups[name]:.1f}x exceeds the ratio of network "
+                f"evaluations ({bounds[name]:.1f}x); the latency timing was disturbed (machine load?), rerun "
+                "with more --latency-repeats on an idle machine")
 
 
 def _render(split: Split, generated: dict[str, np.ndarray], runs: list[_Run], path: str | Path, assets: int) -> Path:
@@ -190,7 +203,7 @@ def evaluate(
     if teacher is not None:
         scored["teacher"]["steps"] = int(teacher_sampler["steps"])
     m = max(1, min(latency_batch, len(split)))
-    _add_latency(scored, runs, split, noise, m, device, latency_repeats)
+    _add_latency(scored, runs, split, noise, m, device, latency_repeats, log)
     result: dict[str, Any] = {"steps": {r.name: scored[r.name] for r in runs if r.name != "teacher"},
                               "teacher": scored.get("teacher")}
     if render:
@@ -223,7 +236,8 @@ def format_table(result: dict[str, Any]) -> str:
         for key, _, width, fmt in columns:
             cells.append(f"{e[key]:>{width}{fmt}}" if key in e else f"{'-':>{width}}")
         cells.append(f"{e['latency_s'] * 1e3:>11.2f}" if "latency_s" in e else f"{'-':>11}")
-        cells.append(f"{e['speedup']:>9.1f}x" if "speedup" in e else f"{'-':>10}")
+        mark = "?" if e.get("speedup_suspect") else "x"
+        cells.append(f"{e['speedup']:>9.1f}{mark}" if "speedup" in e else f"{'-':>10}")
         return "".join(cells)
 
     if result.get("teacher"):
@@ -232,6 +246,8 @@ def format_table(result: dict[str, Any]) -> str:
         lines.append(row(f"teacher {t.get('steps', '')} (cfg {w.get('cfg_strength', '?')})", t))
     for k, e in result["steps"].items():
         lines.append(row(f"checkpoint {k} step" + ("s" if int(k) > 1 else ""), e))
+    if any(e.get("speedup_suspect") for e in result["steps"].values()):
+        lines.append("? a speed-up above the ratio of network evaluations: the timing was disturbed; rerun it")
     return "\n".join(lines)
 
 
