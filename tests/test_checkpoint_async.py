@@ -76,6 +76,9 @@ def test_async_checkpoints_to_s3_are_complete_reported_in_order_and_resume(ray_l
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert sorted(m.step for m in client.get_metric_history(first.mlflow_run_id, "loss")) == [1, 2, 3, 4, 5, 6]
     assert client.get_run(first.mlflow_run_id).info.status == "FINISHED"
+    # The final checkpoint stays local until its TRELLIS export is in MLflow.
+    exported = Path(client.download_artifacts(first.mlflow_run_id, "student"))
+    assert sorted(p.suffix for p in exported.iterdir()) == [".json", ".safetensors"]
     assert not _scratch_copies_of("async-s3")
 
     longer = cfg.model_copy(update={"train": cfg.train.model_copy(update={"steps": 8})})

@@ -45,7 +45,7 @@ from mdt_ray.objectives import NUM_T_BINS
 from mdt_ray.stages import Split, Stage, get_stage
 from mdt_ray.train.position import Batches, Position, ShardTooSmallError
 from mdt_ray.train.state import (STOP_NOTE, CheckpointDamagedError, Restored, RunDir, latest_complete, load_checkpoint,
-                                 new_scratch_dir, remove_orphaned_scratch, save_checkpoint)
+                                 DeferredCheckpoint, new_scratch_dir, remove_orphaned_scratch, save_checkpoint)
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Upload:
     where: str
     finished: threading.Event = field(default_factory=threading.Event)
     seconds: Optional[float] = None  # how long the successful attempt took
+    deferred: Optional[DeferredCheckpoint] = None  # the files, written in the upload thread first
 
 
 @dataclass
@@ -417,9 +418,11 @@ def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Windo
         _await_upload(w, done)
         remove_orphaned_scratch()
     ckpt_dir = new_scratch_dir() if save else None
+    deferred = None
     try:
         if save:
-            _save(w, engine, teacher, position, metrics, done, ckpt_dir)
+            deferred = _save(w, engine, teacher, position, metrics, done, ckpt_dir,
+                             defer=tc.async_upload and not is_last)
         if w.rank == 0:
             _say(_progress_line(done, tc.steps, metrics, window.eta(tc.steps - done), evaluate))
             if w.logger is not None:
@@ -427,14 +430,15 @@ def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Windo
     except BaseException:
         _remove(ckpt_dir)
         raise
-    _send(w, metrics, ckpt_dir, done, last_eval)
+    _send(w, metrics, ckpt_dir, done, last_eval, deferred)
     return last_eval
 
 
 def _save(w: Worker, engine: Engine, teacher: torch.nn.Module, position: Position, metrics: dict[str, float],
-          done: int, ckpt_dir: Path) -> None:
+          done: int, ckpt_dir: Path, *, defer: bool = False) -> Optional[DeferredCheckpoint]:
     """A checkpoint of step `done` in `ckpt_dir` (with the TRELLIS export at the end, written
-    first so that state.json lists its files too)."""
+    first so that state.json lists its files too); with `defer`, a host-memory copy of it that
+    the upload thread writes there (returned)."""
     if done == w.cfg.train.steps:
         # TRELLIS's dtype layout follows the teacher's: fp16 torso when the teacher has one.
         fp16 = bool(getattr(teacher, "config_args", {}).get("use_fp16", False))
@@ -442,19 +446,23 @@ def _save(w: Worker, engine: Engine, teacher: torch.nn.Module, position: Positio
     meta = {"step": done, **position.meta(w.world), "seed": w.cfg.train.seed, "mlflow_run_id": w.mlflow_run_id,
             "clip_history": engine.clipper.state(), "metrics": metrics, "config": w.cfg.model_dump(mode="json"),
             "world_size": w.world}
-    save_checkpoint(ckpt_dir, student=engine.student.state_dict(),
-                    ema=engine.ema.state_dict() if engine.ema is not None else None,
-                    optimizer=engine.optimizer_tensors(), meta=meta)
+    state = dict(student=engine.student.state_dict(), ema=engine.ema.state_dict() if engine.ema is not None else None,
+                 optimizer=engine.optimizer_tensors(), meta=meta)
+    if defer:
+        return DeferredCheckpoint(ckpt_dir, **state)
+    save_checkpoint(ckpt_dir, **state)
+    return None
 
 
 def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[Path], done: int,
-          last_eval: dict[str, float]) -> None:
+          last_eval: dict[str, float], deferred: Optional[DeferredCheckpoint] = None) -> None:
     """`ray.train.report` (with rank 0's checkpoint, whose scratch directory `_send` removes or
     hands to the upload); the final student goes to MLflow once Ray has it.
 
     With `train.async_upload` every checkpoint but the final one is uploaded in Ray's background
     thread while training goes on. Ray delivers reports strictly in call order, so the reports in
     between (metrics only) are made asynchronous too: a synchronous one would wait for the upload.
+    A `deferred` checkpoint is written to `ckpt_dir` in the upload thread, before the upload.
     The final checkpoint stays synchronous: its TRELLIS export goes to MLflow from the local copy."""
     import ray.train
 
@@ -468,11 +476,12 @@ def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[Path], done: 
         # A store that went silent since the last upload is found here in seconds (a bounded HTTP
         # request), not by an upload that never ends; one that goes silent mid-upload, by the watchdog.
         store.probe(fresh=True)
-        w.upload = Upload(done, store.describe())
+        w.upload = Upload(done, store.describe(), deferred=deferred)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
                          checkpoint_dir_name=_checkpoint_name(w, done), checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=False,
-                         checkpoint_upload_fn=_uploader(w.upload, ckpt_dir, w.cfg.train.upload_timeout_s))
+                         checkpoint_upload_fn=_uploader(w.upload, ckpt_dir, w.cfg.train.upload_timeout_s,
+                                                        remove=asynchronous))
     except BaseException:
         _remove(ckpt_dir)
         raise
@@ -488,23 +497,28 @@ def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[Path], done: 
         _remove(ckpt_dir)
 
 
-def _uploader(upload: Upload, ckpt_dir: Path, timeout_s: float):
-    """Ray Train's `checkpoint_upload_fn`: its own upload (to the run directory), bounded by the
-    watchdog in whichever thread runs it, and the scratch copy removed once it has succeeded. A
-    failed attempt leaves the copy for Ray's next attempt; after the last one, the worker fails,
-    Ray Train replaces it and the new process removes the copy (`remove_orphaned_scratch`)."""
+def _uploader(upload: Upload, ckpt_dir: Path, timeout_s: float, *, remove: bool):
+    """Ray Train's `checkpoint_upload_fn`: the deferred checkpoint's files written, then its own
+    upload (to the run directory), bounded by the watchdog in whichever thread runs it, and
+    (`remove`) the scratch copy removed once it has succeeded. A failed attempt leaves the copy for Ray's next attempt; after the last one, the
+    worker fails, Ray Train replaces it and the new process removes the copy
+    (`remove_orphaned_scratch`)."""
     import ray.train
 
     storage = ray.train.get_context().get_storage()
 
     def upload_fn(checkpoint, checkpoint_dir_name: str):
+        if upload.deferred is not None:
+            upload.deferred.write()
         t0 = time.perf_counter()
         with _upload_watchdog(upload.step, upload.where, timeout_s):
             persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
         upload.seconds = time.perf_counter() - t0
-        _remove(ckpt_dir)
+        if remove:
+            _remove(ckpt_dir)
         upload.finished.set()
-        _say(f"checkpoint of step {upload.step} uploaded in {upload.seconds:.1f} s")
+        written = f"written in {upload.deferred.seconds:.1f} s and " if upload.deferred is not None else ""
+        _say(f"checkpoint of step {upload.step} {written}uploaded in {upload.seconds:.1f} s")
         return persisted
 
     return upload_fn

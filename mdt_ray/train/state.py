@@ -22,6 +22,7 @@ written by the driver when the run starts) and, after a non-finite loss or non-f
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -29,6 +30,7 @@ import re
 import shutil
 import struct
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -273,6 +275,35 @@ def save_checkpoint(directory: str | Path, *, student: dict[str, torch.Tensor], 
     partial = d / f".{STATE_FILE}.partial"
     partial.write_text(content)
     os.replace(partial, d / STATE_FILE)
+
+
+class DeferredCheckpoint:
+    """A checkpoint copied to host memory now and written (`write`) later, in another thread:
+    the training loop then waits for the copy, not for the write and hash. The copy is what
+    the next optimizer steps cannot change; it is dropped once written."""
+
+    def __init__(self, directory: str | Path, *, student: dict[str, torch.Tensor],
+                 ema: dict[str, torch.Tensor] | None, optimizer: tuple[dict[str, torch.Tensor], list[dict]],
+                 meta: dict[str, Any]):
+        def host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+        self.directory = Path(directory)
+        opt_tensors, groups = optimizer
+        # meta and the groups are small, and the loop goes on changing what they hold.
+        self._state: Optional[dict[str, Any]] = {
+            "student": host(student), "ema": host(ema) if ema is not None else None,
+            "optimizer": (host(opt_tensors), copy.deepcopy(groups)), "meta": copy.deepcopy(meta)}
+        self.seconds: Optional[float] = None
+
+    def write(self) -> None:
+        """`save_checkpoint` of the copy, once (a retried upload finds it written)."""
+        if self._state is None:
+            return
+        t0 = time.perf_counter()
+        save_checkpoint(self.directory, **self._state)
+        self.seconds = time.perf_counter() - t0
+        self._state = None
 
 
 def verify_checkpoint(directory: str | Path, *, label: Optional[str] = None) -> dict[str, Any]:
