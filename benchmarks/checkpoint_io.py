@@ -93,6 +93,35 @@ def measure_size(model: str, uri: str) -> dict:
             "load": os.getloadavg()[0]}
 
 
+def paired_write(model: str, rounds: int) -> dict:
+    """`save_checkpoint` (sha256 while writing) against what it did before: safetensors'
+    `save_file` for each part, then every file read back and hashed; alternating, same state."""
+    import hashlib
+
+    from safetensors.torch import save_file
+
+    def before(d: Path, state: dict) -> None:
+        for name, part in (("student", state["student"]), ("ema", state["ema"]), ("optimizer", state["optimizer"][0])):
+            save_file(part, str(d / f"{name}.safetensors"))
+        for p in sorted(d.iterdir()):
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+
+    state, _ = fake_state(model)
+    times: dict[str, list[float]] = {"reread": [], "while_writing": []}
+    for _ in range(rounds):
+        for kind in times:
+            with scratch_dir("ckpt-paired-") as d:
+                t0 = time.perf_counter()
+                before(d, state) if kind == "reread" else save_checkpoint(d, **state)
+                times[kind].append(time.perf_counter() - t0)
+    return {"model": model, **{k: v for k, v in times.items()},
+            "ratio_median": statistics.median(times["while_writing"]) / statistics.median(times["reread"]),
+            "load": os.getloadavg()[0]}
+
+
 def step_loop(step_model: str, ckpt_model: str, uri: str, mode: str, before: int = 3, after: int = 30) -> dict:
     """Steps, one checkpoint (inline or background upload), more steps until the upload is done."""
     from mdt_ray.config import DistillConfig, TrainConfig
@@ -319,12 +348,21 @@ def main(argv=None) -> dict:
     p.add_argument("--step-model", default="ss-tiny")
     p.add_argument("--wait", nargs="+", default=["ray-async", "ray-sync"],
                    choices=["ray-async", "ray-sync", "sync", "async"])
+    p.add_argument("--paired-write", type=int, default=0, metavar="ROUNDS",
+                   help="only time save_checkpoint against the old write-then-reread hash on --wait-model")
     p.add_argument("--extrapolate-gb", type=float, default=9.0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot", help="write the time-vs-size plot here (PNG)")
     p.add_argument("--json")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.paired_write:
+        r = paired_write(args.wait_model, args.paired_write)
+        print(f"[ckpt] {r['model']} write + sha256: re-read {', '.join(f'{t:.2f}' for t in r['reread'])} s; "
+              f"while writing {', '.join(f'{t:.2f}' for t in r['while_writing'])} s; ratio of medians "
+              f"{r['ratio_median']:.2f} (load {r['load']:.1f})", flush=True)
+        write_json(args.json, r)
+        return r
     from tests.s3_server import LocalS3, apply_env, restore_env
 
     res: dict = {"loadavg_start": os.getloadavg(), "sizes": [], "wait": []}

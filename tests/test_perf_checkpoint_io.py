@@ -34,6 +34,7 @@ def test_sizes_rates_and_the_wait(tmp_path):
 
 
 @pytest.mark.ray
+@pytest.mark.slow  # a Ray Train run of its own: ~20 s
 def test_the_wait_through_ray_trains_async_report(ray_local):
     res = checkpoint_io.main(["--models", "ss-tiny", "--wait-model", "ss-tiny", "--step-model", "ss-tiny",
                               "--wait", "ray-async"])
