@@ -13,7 +13,8 @@ writes one checkpoint of `--wait-model` and keeps stepping until its upload is d
 picks how it is uploaded:
   ray-async  through the training loop's own report path (`mdt_ray.train.loop._send`) in a real
              Ray Train run: the state copied to host memory, `ray.train.report(
-             checkpoint_upload_mode=ASYNC)`, the write, sha256 and upload in Ray's background thread, a metrics-only report every 10 steps as at the default
+             checkpoint_upload_mode=ASYNC)`, the write, sha256 and upload in Ray's background
+             thread, a metrics-only report every 10 steps as at the default
              `train.log_every` (Ray's controller takes one report per 2 s poll: a loop that
              reports faster queues them up, in Ray's upload thread ahead of the upload)
   ray-sync   the same with `train.async_upload=false`: the report uploads inline
@@ -22,8 +23,12 @@ picks how it is uploaded:
 Reported: the seconds the loop was held at the checkpoint step, as a fraction of the upload
 time (target < 10 %), and the step time while the upload runs against before.
 
+`--paired-write N` only times `save_checkpoint` (sha256 while writing) against safetensors'
+`save_file` and a re-read of every file, alternating N times on the `--wait-model` state.
+
     python benchmarks/checkpoint_io.py [--models ss-tiny ss-demo ss-B] [--wait-model ss-B]
         [--step-model ss-tiny] [--wait ray-async ray-sync] [--extrapolate-gb 9] [--json out.json]
+    python benchmarks/checkpoint_io.py --wait-model ss-B --paired-write 3
 """
 
 from __future__ import annotations
@@ -190,7 +195,8 @@ def ray_step_loop(step_model: str, ckpt_model: str, uri: str, mode: str, before:
 
     repo = Path(__file__).resolve().parents[1]
     cfg = load_config(repo / "jobs/configs/demo.yaml", [
-        f"model.teacher={step_model}", f"run.storage_path={uri}", f"data.storage_endpoint={endpoint}", f"run.name=wait-{mode}", "tracking.enabled=false",
+        f"model.teacher={step_model}", f"run.storage_path={uri}", f"data.storage_endpoint={endpoint}",
+        f"run.name=wait-{mode}", "tracking.enabled=false",
         f"train.steps={10**6}", f"train.async_upload={'true' if mode == 'ray-async' else 'false'}"])
     storage_path, storage_fs = storage_target(cfg)
     trainer = TorchTrainer(

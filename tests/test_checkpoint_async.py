@@ -54,6 +54,9 @@ def _scratch_copies_of(run_name: str) -> list[Path]:
     return found
 
 
+# Two runs (~80 s at load 7-10). In the default suite, async uploads (the default) run in
+# test_train.py's S3 and resume tests and in faults/test_determinism.py (async vs inline, bit-identical).
+@pytest.mark.slow
 def test_async_checkpoints_to_s3_are_complete_reported_in_order_and_resume(ray_local, s3_server, s3_bucket,
                                                                            corpus, tmp_path):
     from mlflow.tracking import MlflowClient
@@ -99,7 +102,7 @@ def _block_upload_of(run_dir: Path, after: str, blocked: str, stop: threading.Ev
         time.sleep(0.02)
 
 
-@pytest.mark.slow  # a run, a worker restart and the rest of the run: over 20 s
+@pytest.mark.slow  # a run, a worker restart and the rest of the run: ~75 s at load 7-10
 def test_a_failed_async_upload_keeps_the_last_good_checkpoint_and_the_run_restarts_from_it(ray_local, corpus,
                                                                                           tmp_path, capfd):
     cfg = _cfg(tmp_path, corpus, "async-fail", "train.steps=9", "train.checkpoint_every=3", "run.max_failures=1")

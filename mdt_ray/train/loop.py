@@ -500,9 +500,9 @@ def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[Path], done: 
 def _uploader(upload: Upload, ckpt_dir: Path, timeout_s: float, *, remove: bool):
     """Ray Train's `checkpoint_upload_fn`: the deferred checkpoint's files written, then its own
     upload (to the run directory), bounded by the watchdog in whichever thread runs it, and
-    (`remove`) the scratch copy removed once it has succeeded. A failed attempt leaves the copy for Ray's next attempt; after the last one, the
-    worker fails, Ray Train replaces it and the new process removes the copy
-    (`remove_orphaned_scratch`)."""
+    (`remove`) the scratch copy removed once it has succeeded. A failed attempt leaves the copy
+    for Ray's next attempt; after the last one, the worker fails, Ray Train replaces it and the
+    new process removes the copy (`remove_orphaned_scratch`)."""
     import ray.train
 
     storage = ray.train.get_context().get_storage()
