@@ -123,6 +123,9 @@ class TrainConfig(_Block):
     # from its last complete checkpoint. Raise it for checkpoints that take longer on your link
     # (a 9 GB TRELLIS-L checkpoint at 100 MB/s takes 90 s); 0 waits forever.
     upload_timeout_s: float = Field(600.0, ge=0)
+    # Upload every checkpoint but the final one in Ray Train's background thread
+    # (CheckpointUploadMode.ASYNC) while training goes on; the loop waits only for the write.
+    async_upload: bool = True
 
     @model_validator(mode="after")
     def _split_divides(self) -> "TrainConfig":

@@ -181,3 +181,44 @@ def test_scratch_dir_is_removed_on_success_and_on_failure():
             kept = d
             raise OSError("upload failed")
     assert not kept.exists() and os.path.basename(kept).startswith("mdt-ckpt-")
+
+
+def test_a_deferred_checkpoint_holds_the_state_of_when_it_was_taken(tmp_path):
+    from mdt_ray.train.state import DeferredCheckpoint
+
+    student = {"w": torch.ones(8, 8), "b": torch.zeros(8)}
+    exp_avg, groups, meta = torch.zeros(8, 8), [{"lr": 1e-4}], {"step": 5, "clip_history": [1.0]}
+    deferred = DeferredCheckpoint(tmp_path / "c", student=student, ema=None, optimizer=({"w.exp_avg": exp_avg}, groups),
+                                  meta=meta)
+    # What the training loop goes on to do before the upload thread writes the copy.
+    student["w"].mul_(3)
+    exp_avg.add_(1)
+    groups[0]["lr"] = 2e-4
+    meta["clip_history"].append(9.0)
+    deferred.write()
+    state = load_checkpoint(tmp_path / "c")
+    assert torch.equal(state["student"]["w"], torch.ones(8, 8)) and torch.equal(state["optimizer"]["w.exp_avg"],
+                                                                                torch.zeros(8, 8))
+    assert state["meta"]["param_groups"] == [{"lr": 1e-4}] and state["meta"]["clip_history"] == [1.0]
+    assert "ema" not in state and deferred.seconds > 0
+    # A retried upload calls it again: the files are not written twice.
+    before = (tmp_path / "c" / STATE_FILE).stat().st_mtime_ns
+    deferred.write()
+    assert (tmp_path / "c" / STATE_FILE).stat().st_mtime_ns == before
+
+
+def test_files_written_here_load_with_safetensors_at_every_dtype(tmp_path):
+    from safetensors.torch import load_file
+
+    tensors = {"f32": torch.randn(3, 4), "bf16": torch.randn(5).bfloat16(), "f16": torch.randn(2, 2).half(),
+               "f64": torch.randn(3).double(), "i64": torch.arange(6), "i32": torch.arange(3).int(),
+               "u8": torch.arange(4, dtype=torch.uint8), "bool": torch.tensor([True, False]),
+               "scalar": torch.tensor(7.0), "empty": torch.zeros(0, 3), "strided": torch.randn(4, 6)[:, ::2]}
+    save_checkpoint(tmp_path, student=tensors, ema=None, optimizer=({}, []), meta={"step": 1})
+    loaded = load_file(str(tmp_path / "student.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert loaded[k].dtype == v.dtype and torch.equal(loaded[k], v), k
+    with pytest.raises(TypeError, match="tensor 'c' has dtype torch.complex64"):
+        save_checkpoint(tmp_path / "x", student={"c": torch.zeros(2, dtype=torch.complex64)}, ema=None,
+                        optimizer=({}, []), meta={})

@@ -141,3 +141,22 @@ def test_an_upload_that_outlasts_its_limit_stops_the_worker_process_with_a_messa
     assert "checkpoint upload of step 8 to s3://b/runs (at http://127.0.0.1:1) has not finished after 0.5 s" \
         " (train.upload_timeout_s)" in out.stdout
     assert time.monotonic() - t0 < 60
+
+
+def test_the_upload_watchdog_also_stops_the_process_from_a_background_upload_thread():
+    """With train.async_upload the upload runs in Ray Train's thread pool, not the training
+    thread: the watchdog started there ends the process all the same while training goes on."""
+    import subprocess
+    import sys
+
+    code = ("import time\nfrom concurrent.futures import ThreadPoolExecutor\n"
+            "from mdt_ray.train.loop import _upload_watchdog\n"
+            "def upload():\n    with _upload_watchdog(9, 's3://b/runs', 0.5):\n        time.sleep(60)\n"
+            "ThreadPoolExecutor(1).submit(upload)\n"
+            "for i in range(600):\n    time.sleep(0.1)\n    print('step', i, flush=True)\n")
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 70, out.stdout + out.stderr
+    assert "checkpoint upload of step 9 to s3://b/runs has not finished after 0.5 s" in out.stdout
+    assert "step 0" in out.stdout and "step 599" not in out.stdout  # training ran until the stop
+    assert time.monotonic() - t0 < 60

@@ -21,6 +21,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -44,7 +45,18 @@ from mdt_ray.objectives import NUM_T_BINS
 from mdt_ray.stages import Split, Stage, get_stage
 from mdt_ray.train.position import Batches, Position, ShardTooSmallError
 from mdt_ray.train.state import (STOP_NOTE, CheckpointDamagedError, Restored, RunDir, latest_complete, load_checkpoint,
-                                 save_checkpoint, scratch_dir)
+                                 DeferredCheckpoint, new_scratch_dir, remove_orphaned_scratch, save_checkpoint)
+
+
+@dataclass
+class Upload:
+    """A checkpoint upload that Ray Train runs in its background thread (`train.async_upload`)."""
+
+    step: int
+    where: str
+    finished: threading.Event = field(default_factory=threading.Event)
+    seconds: Optional[float] = None  # how long the successful attempt took
+    deferred: Optional[DeferredCheckpoint] = None  # the files, written in the upload thread first
 
 
 @dataclass
@@ -62,6 +74,7 @@ class Worker:
     logger: Any  # rank 0's RunLogger when the run is tracked, else None
     eval_split: Optional[Split]  # rank 0's held-out split, else None
     taken: set[str] = field(default_factory=set)  # checkpoint folder names in use (see _checkpoint_name)
+    upload: Optional[Upload] = None  # the latest checkpoint upload of this worker
 
 
 class DeterministicFailure(RuntimeError):
@@ -114,6 +127,8 @@ def deterministic_cause(error: Optional[BaseException]) -> Optional[BaseExceptio
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     _quiet_report_log()
+    # A worker whose asynchronous upload failed is replaced by a new process; its scratch copy stays.
+    remove_orphaned_scratch()
     w = _worker(loop_config)
     engine, teacher, conditioner = _build(w)
     start_step, start = _restore(w, engine)
@@ -399,22 +414,31 @@ def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Windo
     # The latest eval rides along in every report: a sweep's scheduler compares trials on it.
     metrics.update(last_eval)
     save = w.rank == 0 and (done % tc.checkpoint_every == 0 or is_last)
-    # The scratch copy goes whether the upload succeeds or raises.
-    with scratch_dir() if save else contextlib.nullcontext() as ckpt_dir:
+    if save:
+        _await_upload(w, done)
+        remove_orphaned_scratch()
+    ckpt_dir = new_scratch_dir() if save else None
+    deferred = None
+    try:
         if save:
-            _save(w, engine, teacher, position, metrics, done, ckpt_dir)
+            deferred = _save(w, engine, teacher, position, metrics, done, ckpt_dir,
+                             defer=tc.async_upload and not is_last)
         if w.rank == 0:
             _say(_progress_line(done, tc.steps, metrics, window.eta(tc.steps - done), evaluate))
             if w.logger is not None:
                 w.logger.log_metrics(metrics, step=done)
-        _send(w, metrics, ckpt_dir, done, last_eval)
+    except BaseException:
+        _remove(ckpt_dir)
+        raise
+    _send(w, metrics, ckpt_dir, done, last_eval, deferred)
     return last_eval
 
 
 def _save(w: Worker, engine: Engine, teacher: torch.nn.Module, position: Position, metrics: dict[str, float],
-          done: int, ckpt_dir: Path) -> None:
+          done: int, ckpt_dir: Path, *, defer: bool = False) -> Optional[DeferredCheckpoint]:
     """A checkpoint of step `done` in `ckpt_dir` (with the TRELLIS export at the end, written
-    first so that state.json lists its files too)."""
+    first so that state.json lists its files too); with `defer`, a host-memory copy of it that
+    the upload thread writes there (returned)."""
     if done == w.cfg.train.steps:
         # TRELLIS's dtype layout follows the teacher's: fp16 torso when the teacher has one.
         fp16 = bool(getattr(teacher, "config_args", {}).get("use_fp16", False))
@@ -422,31 +446,105 @@ def _save(w: Worker, engine: Engine, teacher: torch.nn.Module, position: Positio
     meta = {"step": done, **position.meta(w.world), "seed": w.cfg.train.seed, "mlflow_run_id": w.mlflow_run_id,
             "clip_history": engine.clipper.state(), "metrics": metrics, "config": w.cfg.model_dump(mode="json"),
             "world_size": w.world}
-    save_checkpoint(ckpt_dir, student=engine.student.state_dict(),
-                    ema=engine.ema.state_dict() if engine.ema is not None else None,
-                    optimizer=engine.optimizer_tensors(), meta=meta)
+    state = dict(student=engine.student.state_dict(), ema=engine.ema.state_dict() if engine.ema is not None else None,
+                 optimizer=engine.optimizer_tensors(), meta=meta)
+    if defer:
+        return DeferredCheckpoint(ckpt_dir, **state)
+    save_checkpoint(ckpt_dir, **state)
+    return None
 
 
 def _send(w: Worker, metrics: dict[str, float], ckpt_dir: Optional[Path], done: int,
-          last_eval: dict[str, float]) -> None:
-    """`ray.train.report` (with rank 0's checkpoint); the final student goes to MLflow once Ray has it."""
+          last_eval: dict[str, float], deferred: Optional[DeferredCheckpoint] = None) -> None:
+    """`ray.train.report` (with rank 0's checkpoint, whose scratch directory `_send` removes or
+    hands to the upload); the final student goes to MLflow once Ray has it.
+
+    With `train.async_upload` every checkpoint but the final one is uploaded in Ray's background
+    thread while training goes on. Ray delivers reports strictly in call order, so the reports in
+    between (metrics only) are made asynchronous too: a synchronous one would wait for the upload.
+    A `deferred` checkpoint is written to `ckpt_dir` in the upload thread, before the upload.
+    The final checkpoint stays synchronous: its TRELLIS export goes to MLflow from the local copy."""
     import ray.train
 
+    asynchronous = w.cfg.train.async_upload and done != w.cfg.train.steps
+    mode = ray.train.CheckpointUploadMode.ASYNC if asynchronous else ray.train.CheckpointUploadMode.SYNC
     if ckpt_dir is None:
-        ray.train.report(metrics)
+        ray.train.report(metrics, checkpoint_upload_mode=mode)
         return
-    store = StorageTarget.from_data_config(w.cfg.data, w.cfg.run.storage_path)
-    # A store that went silent since the last upload is found here in seconds (a bounded HTTP
-    # request), not by an upload that never ends; one that goes silent mid-upload, by the watchdog.
-    store.probe(fresh=True)
-    with _upload_watchdog(done, store.describe(), w.cfg.train.upload_timeout_s):
+    try:
+        store = StorageTarget.from_data_config(w.cfg.data, w.cfg.run.storage_path)
+        # A store that went silent since the last upload is found here in seconds (a bounded HTTP
+        # request), not by an upload that never ends; one that goes silent mid-upload, by the watchdog.
+        store.probe(fresh=True)
+        w.upload = Upload(done, store.describe(), deferred=deferred)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(ckpt_dir)),
-                         checkpoint_dir_name=_checkpoint_name(w, done))
-    if done == w.cfg.train.steps and w.logger is not None:
-        w.logger.flush()
-        w.logger.log_artifacts(ckpt_dir / "trellis", "student")
-        if last_eval:
-            w.logger.log_text(json.dumps({"step": done, **last_eval}, indent=1), "eval/final_eval.json")
+                         checkpoint_dir_name=_checkpoint_name(w, done), checkpoint_upload_mode=mode,
+                         delete_local_checkpoint_after_upload=False,
+                         checkpoint_upload_fn=_uploader(w.upload, ckpt_dir, w.cfg.train.upload_timeout_s,
+                                                        remove=asynchronous))
+    except BaseException:
+        _remove(ckpt_dir)
+        raise
+    if asynchronous:
+        return
+    try:
+        if w.logger is not None:
+            w.logger.flush()
+            w.logger.log_artifacts(ckpt_dir / "trellis", "student")
+            if last_eval:
+                w.logger.log_text(json.dumps({"step": done, **last_eval}, indent=1), "eval/final_eval.json")
+    finally:
+        _remove(ckpt_dir)
+
+
+def _uploader(upload: Upload, ckpt_dir: Path, timeout_s: float, *, remove: bool):
+    """Ray Train's `checkpoint_upload_fn`: the deferred checkpoint's files written, then its own
+    upload (to the run directory), bounded by the watchdog in whichever thread runs it, and
+    (`remove`) the scratch copy removed once it has succeeded. A failed attempt leaves the copy
+    for Ray's next attempt; after the last one, the worker fails, Ray Train replaces it and the
+    new process removes the copy (`remove_orphaned_scratch`)."""
+    import ray.train
+
+    storage = ray.train.get_context().get_storage()
+
+    def upload_fn(checkpoint, checkpoint_dir_name: str):
+        if upload.deferred is not None:
+            upload.deferred.write()
+        t0 = time.perf_counter()
+        with _upload_watchdog(upload.step, upload.where, timeout_s):
+            persisted = storage.persist_current_checkpoint(checkpoint, checkpoint_dir_name)
+        upload.seconds = time.perf_counter() - t0
+        if remove:
+            _remove(ckpt_dir)
+        upload.finished.set()
+        written = f"written in {upload.deferred.seconds:.1f} s and " if upload.deferred is not None else ""
+        _say(f"checkpoint of step {upload.step} {written}uploaded in {upload.seconds:.1f} s")
+        return persisted
+
+    return upload_fn
+
+
+def _await_upload(w: Worker, step: int) -> None:
+    """Before the checkpoint of `step` is written, the previous upload must have finished: else,
+    with uploads slower than `train.checkpoint_every` steps, scratch copies would pile up."""
+    pending = w.upload
+    if pending is None or pending.finished.is_set():
+        return
+    timeout_s = w.cfg.train.upload_timeout_s
+    # Ray tries an upload up to three times, each bounded by the watchdog.
+    limit = 3 * timeout_s + 60 if timeout_s else None
+    t0 = time.perf_counter()
+    if not pending.finished.wait(limit):
+        raise RuntimeError(f"the checkpoint upload of step {pending.step} to {pending.where} did not finish within "
+                           f"{limit:g} s (3 × train.upload_timeout_s + 60 s) and is not failing either: stopping "
+                           f"before the checkpoint of step {step}")
+    _say(f"waited {time.perf_counter() - t0:.1f} s at step {step} for the upload of step {pending.step}: uploads "
+         "take longer than train.checkpoint_every steps")
+
+
+def _remove(path: Optional[Path]) -> None:
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _checkpoint_name(w: Worker, done: int) -> str:
@@ -522,7 +620,8 @@ def _upload_watchdog(step: int, where: str, timeout_s: float):
     """Stop this worker process when the block (a checkpoint upload) outlasts `timeout_s`: an
     upload into a store that stopped answering blocks inside the AWS SDK for many minutes, and
     no exception can interrupt it. Ray Train then restarts the workers from the last complete
-    checkpoint (train/state.py); an upload cut short this way is never taken as complete."""
+    checkpoint (train/state.py); an upload cut short this way is never taken as complete. It
+    works in any thread, also in Ray Train's background upload thread."""
     if not timeout_s:
         yield
         return

@@ -22,20 +22,24 @@ written by the driver when the run starts) and, after a non-finite loss or non-f
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import re
 import shutil
+import struct
 import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 STATE_FILE = "state.json"
 RUN_META = "mdt_ray_run.json"
@@ -52,14 +56,44 @@ class CheckpointDamagedError(ValueError):
     """A checkpoint directory is incomplete or its files differ from what its state.json lists."""
 
 
+def new_scratch_dir(prefix: str = "mdt-ckpt-") -> Path:
+    """A fresh temporary directory named after this process (`<prefix><pid>-…`), so that one
+    left behind by a process that died can be told from one in use (`remove_orphaned_scratch`)."""
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
 @contextmanager
 def scratch_dir(prefix: str = "mdt-ckpt-") -> Iterator[Path]:
     """A fresh temporary directory, removed when the block ends however it ends."""
-    path = Path(tempfile.mkdtemp(prefix=prefix))
+    path = new_scratch_dir(prefix)
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphaned_scratch(prefix: str = "mdt-ckpt-") -> list[Path]:
+    """Remove the scratch directories of processes that no longer run; the removed ones. An
+    asynchronous upload removes its directory only once the upload has succeeded, so a failed or
+    cut-short one leaves it behind its worker, which Ray Train then replaces."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)-")
+    removed = []
+    for entry in Path(tempfile.gettempdir()).iterdir():
+        m = pattern.match(entry.name)
+        if m and entry.is_dir() and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
 
 
 @dataclass(frozen=True)
@@ -160,8 +194,11 @@ def latest_complete(run_dir: RunDir, device: str | torch.device = "cpu") -> Opti
     return None
 
 
-def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+# safetensors' dtype names (its format: 8-byte little-endian header length, JSON header, raw bytes).
+_SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                       torch.uint8: "U8", torch.bool: "BOOL"}
+_WRITE_CHUNK = 64 << 20
 
 
 def _sha256(path: Path) -> str:
@@ -172,27 +209,101 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _inventory(d: Path) -> dict[str, dict[str, Any]]:
-    """Every file under `d` but state.json, by POSIX path relative to `d`: size and sha256."""
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], hasher: ThreadPoolExecutor) -> dict[str, Any]:
+    """`tensors` as a safetensors file at `path`; its size and sha256, hashed from memory while
+    the bytes are written (reading the file back doubled the time a checkpoint holds the loop).
+    Hashing runs on `hasher`'s thread beside the write: both release the GIL."""
+    flat = {k: v.detach().cpu().contiguous().reshape(-1) for k, v in sorted(tensors.items())}
+    header, offset = {}, 0
+    for k, t in flat.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"{path.name}: tensor {k!r} has dtype {t.dtype}, which a checkpoint cannot hold")
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(tensors[k].shape),
+                     "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    h = hashlib.sha256()
+    with open(path, "wb", buffering=0) as f:
+        for piece in _pieces(struct.pack("<Q", len(head)) + head, flat.values()):
+            hashed = hasher.submit(h.update, piece)
+            view = piece
+            while view:  # a raw write may take fewer bytes than given
+                view = view[f.write(view):]
+            hashed.result()
+    return {"bytes": 8 + len(head) + offset, "sha256": h.hexdigest()}
+
+
+def _pieces(head: bytes, flat: Iterable[torch.Tensor]) -> Iterator[memoryview]:
+    """The file's bytes without copies: the header, then each tensor's memory in chunks."""
+    yield memoryview(head)
+    for t in flat:
+        if t.numel() == 0:
+            continue
+        raw = memoryview(t.view(torch.uint8).numpy())
+        for i in range(0, len(raw), _WRITE_CHUNK):
+            yield raw[i:i + _WRITE_CHUNK]
+
+
+def _inventory(d: Path, known: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every file under `d` but state.json, by POSIX path relative to `d`: size and sha256, from
+    `known` for the files just written, read and hashed for the others (the TRELLIS export)."""
     files = sorted(p for p in d.rglob("*") if p.is_file() and p != d / STATE_FILE)
-    return {p.relative_to(d).as_posix(): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    out = {}
+    for p in files:
+        name = p.relative_to(d).as_posix()
+        out[name] = known.get(name) or {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+    return out
 
 
 def save_checkpoint(directory: str | Path, *, student: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None,
                     optimizer: tuple[dict[str, torch.Tensor], list[dict]], meta: dict[str, Any]) -> None:
     """`optimizer` is (named state tensors, param groups), as `Engine.optimizer_tensors()` gives.
-    Files already in `directory` (the TRELLIS export) are listed in state.json too."""
+    Files already in `directory` (the TRELLIS export) are listed in state.json too. state.json is
+    written last, through a rename: a directory without it is no checkpoint."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    save_file(_contiguous(student), str(d / "student.safetensors"))
-    if ema is not None:
-        save_file(_contiguous(ema), str(d / "ema.safetensors"))
     opt_tensors, groups = optimizer
-    save_file(_contiguous(opt_tensors), str(d / "optimizer.safetensors"))
-    content = json.dumps({**meta, "param_groups": groups, "files": _inventory(d)}, indent=1, default=str)
+    parts = {"student.safetensors": student, "ema.safetensors": ema, "optimizer.safetensors": opt_tensors}
+    written = {}
+    with ThreadPoolExecutor(1, thread_name_prefix="mdt-ckpt-sha256") as hasher:
+        for name, tensors in parts.items():
+            if tensors is not None:
+                written[name] = _write_safetensors(d / name, tensors, hasher)
+    content = json.dumps({**meta, "param_groups": groups, "files": _inventory(d, written)}, indent=1, default=str)
     partial = d / f".{STATE_FILE}.partial"
     partial.write_text(content)
     os.replace(partial, d / STATE_FILE)
+
+
+class DeferredCheckpoint:
+    """A checkpoint copied to host memory now and written (`write`) later, in another thread:
+    the training loop then waits for the copy, not for the write and hash. The copy is what
+    the next optimizer steps cannot change; it is dropped once written."""
+
+    def __init__(self, directory: str | Path, *, student: dict[str, torch.Tensor],
+                 ema: dict[str, torch.Tensor] | None, optimizer: tuple[dict[str, torch.Tensor], list[dict]],
+                 meta: dict[str, Any]):
+        def host(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+        self.directory = Path(directory)
+        opt_tensors, groups = optimizer
+        # meta and the groups are small, and the loop goes on changing what they hold.
+        self._state: Optional[dict[str, Any]] = {
+            "student": host(student), "ema": host(ema) if ema is not None else None,
+            "optimizer": (host(opt_tensors), copy.deepcopy(groups)), "meta": copy.deepcopy(meta)}
+        self.seconds: Optional[float] = None
+
+    def write(self) -> None:
+        """`save_checkpoint` of the copy, once (a retried upload finds it written)."""
+        if self._state is None:
+            return
+        t0 = time.perf_counter()
+        save_checkpoint(self.directory, **self._state)
+        self.seconds = time.perf_counter() - t0
+        self._state = None
 
 
 def verify_checkpoint(directory: str | Path, *, label: Optional[str] = None) -> dict[str, Any]:
