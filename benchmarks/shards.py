@@ -29,6 +29,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,9 @@ def _run_counts(server, counts: list[int], base: int, batch: int, cpus: int, epo
     from mdt_ray.data.corpus import build_synthetic
     from mdt_ray.data.schema import MANIFEST_FILE
 
-    bucket = server.create_bucket("shards-bench")
+    # moto keeps its buckets per process, not per server: a second run in one process (the
+    # tests) must not find the first one's corpora.
+    bucket = server.create_bucket(f"shards-bench-{uuid.uuid4().hex[:8]}")
     base_uri = f"s3://{bucket}/base"
     t0 = time.perf_counter()
     build_synthetic(base_uri, base, seed=0, num_shards=base, use_ray=False, progress=False)
