@@ -18,7 +18,8 @@ Targets (issue 16): first batch sub-linear in the shard count and < 60 s at 6,00
 this machine; driver and worker memory flat in the count.
 
     python benchmarks/shards.py [--counts 100 1000 6000] [--base 100] [--epoch-rows N]
-        [--cpus 2] [--json out.json] [--plot out.png] [--replot out.json --plot out.png]
+        [--cpus 2] [--label TEXT] [--json out.json] [--plot out.png] [--compare earlier.json]
+        [--replot out.json --plot out.png]
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -110,7 +113,9 @@ def _run_counts(server, counts: list[int], base: int, batch: int, cpus: int, epo
     from mdt_ray.data.corpus import build_synthetic
     from mdt_ray.data.schema import MANIFEST_FILE
 
-    bucket = server.create_bucket("shards-bench")
+    # moto keeps its buckets per process, not per server: a second run in one process (the
+    # tests) must not find the first one's corpora.
+    bucket = server.create_bucket(f"shards-bench-{uuid.uuid4().hex[:8]}")
     base_uri = f"s3://{bucket}/base"
     t0 = time.perf_counter()
     build_synthetic(base_uri, base, seed=0, num_shards=base, use_ray=False, progress=False)
@@ -139,24 +144,30 @@ def _run_counts(server, counts: list[int], base: int, batch: int, cpus: int, epo
             f"{manifest_bytes / 1024:.0f} KiB (load {r['loadavg']:.1f})")
 
 
-def plot(res: dict, path: str) -> None:
+def plot(res: dict, path: str, before: Optional[dict] = None) -> None:
+    """Time to first batch and memory vs shard count; `before`, an earlier run's --json, is drawn
+    in grey beside it (with its label)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    runs = res["runs"]
-    n = [r["shards"] for r in runs]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    axes[0].plot(n, [r["first_batch_s"] for r in runs], "o-", label="first batch")
-    axes[0].plot(n, [r["verify_s"] for r in runs], "s--", label="of which: footer checks")
+    series = [(res, f" ({res.get('label') or 'this run'})" if before is not None else "", {})]
+    if before is not None:
+        series.insert(0, (before, f" ({before.get('label', 'before')})", {"color": "grey", "alpha": 0.7}))
+    for run, tag, style in series:
+        runs = run["runs"]
+        n = [r["shards"] for r in runs]
+        axes[0].plot(n, [r["first_batch_s"] for r in runs], "o-", label="first batch" + tag, **style)
+        axes[0].plot(n, [r["verify_s"] for r in runs], "s--", label="of which: footer checks" + tag, **style)
+        axes[1].plot(n, [r["driver_private_mib"] for r in runs], "o-", label="driver" + tag, **style)
+        axes[1].plot(n, [r["worker_private_mib"] for r in runs], "s--", label="largest Ray worker" + tag, **style)
     axes[0].axhline(60, color="grey", lw=0.8, ls=":", label="target 60 s")
     axes[0].set_xscale("log"), axes[0].set_xlabel("shards"), axes[0].set_ylabel("seconds")
-    axes[0].set_title("time to first batch"), axes[0].legend(fontsize=8)
-    axes[1].plot(n, [r["driver_private_mib"] for r in runs], "o-", label="driver")
-    axes[1].plot(n, [r["worker_private_mib"] for r in runs], "s-", label="largest Ray worker")
+    axes[0].set_title("time to first batch"), axes[0].legend(fontsize=7)
     axes[1].set_xscale("log"), axes[1].set_xlabel("shards"), axes[1].set_ylabel("peak private MiB")
-    axes[1].set_title("memory during the epoch"), axes[1].legend(fontsize=8)
+    axes[1].set_title("memory during the epoch"), axes[1].legend(fontsize=7)
     fig.suptitle("Ingest vs shard count (loopback S3, 2-core CPU)", fontsize=10)
     save_figure(fig, path)
 
@@ -168,9 +179,11 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--cpus", type=int, default=2, help="logical CPUs of the local Ray")
     p.add_argument("--epoch-rows", type=int, default=0, help="stop the epoch after this many rows (0: all)")
+    p.add_argument("--label", default="", help="what this run measures (kept in --json; names it in a --compare plot)")
     p.add_argument("--json")
     p.add_argument("--plot", help="write the plot here (PNG)")
     p.add_argument("--replot", help="only redraw --plot from this earlier --json")
+    p.add_argument("--compare", help="an earlier run's --json, drawn in grey in --plot (its 'label' key names it)")
     p.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -182,9 +195,10 @@ def main(argv=None) -> dict:
         res = json.loads(Path(args.replot).read_text())
     else:
         res = run(args.counts, args.base, args.batch, args.cpus, args.epoch_rows)
+        res["label"] = args.label
         write_json(args.json, res)
     if args.plot:
-        plot(res, args.plot)
+        plot(res, args.plot, json.loads(Path(args.compare).read_text()) if args.compare else None)
     return res
 
 

@@ -1,7 +1,8 @@
 """From corpus shards to torch tensors on a training worker, through Ray Data.
 
-    manifest ──► check every shard's footer (header, column types) ──► read_parquet(only the
-    stage's columns, file-level shuffle) ──► decode + validate each batch (float16 lists ->
+    manifest ──► check every shard's footer (header, column types) ──► read tasks planned from
+    the manifest (datasource.py: only the stage's columns, shard-level shuffle, many small
+    shards per task) ──► decode + validate each batch (float16 lists ->
     float32 arrays; a bad row names its shard and asset) ──► drop the string columns ──►
     ray.train.get_dataset_shard(...) ──► torch_batches(...)
 
@@ -12,9 +13,7 @@ held-out assets, tests).
 from __future__ import annotations
 
 import concurrent.futures as cf
-import contextlib
 import dataclasses
-import os
 import re
 import sys
 from typing import Any, Iterator, Optional, Sequence
@@ -38,7 +37,7 @@ from mdt_ray.data.schema import (
 )
 
 STAGES = ("ss", "slat")
-_PATH = "path"  # the column read_parquet(include_paths=True) adds
+_PATH = "path"  # the shard of each row, as its filesystem names it (datasource.PATH_COLUMN)
 
 
 # -- validation and decoding ---------------------------------------------------------------------
@@ -230,13 +229,16 @@ def verify_shards(manifest: Manifest, columns: Sequence[str], *,
     endpoint and region reach the shards (default: the environment's).
     """
     corpus = storage.as_target(manifest.uri if target is None else target).with_uri(manifest.uri)
-    fs, _ = corpus.pyarrow_fs()  # one client for all shards
+    fs, folder = corpus.pyarrow_fs()  # one client for all shards
+    sizes = _listed_sizes(fs, folder, corpus.describe())
 
-    def check(uri: str, rows: int) -> None:
+    def check(uri: str, name: str, rows: int) -> None:
         path = storage.bare_path(uri)
         where = corpus.with_uri(uri).describe()
-
-        meta, schema = read_shard_footer(fs, path, where, manifest)
+        if sizes is not None and name not in sizes and "/" not in name:
+            raise CorpusError(f"shard {where} is listed in the manifest but missing")
+        size = None if sizes is None else sizes.get(name)
+        meta, schema = read_shard_footer(fs, path, where, manifest, size=size)
         if meta.num_rows != rows:
             raise CorpusError(f"shard {where} has {meta.num_rows} rows, the manifest says {rows}")
         problems = schema_problems(schema, manifest, ["asset_id", *columns])
@@ -244,10 +246,31 @@ def verify_shards(manifest: Manifest, columns: Sequence[str], *,
             _raise_first_bad_row(uri, fs, path, columns, manifest, where, problems)
 
     uris = manifest.shard_uris()
-    with cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris)))) as pool:
-        futures = [pool.submit(check, u, s.num_rows) for u, s in zip(uris, manifest.shards)]
+    pool = cf.ThreadPoolExecutor(max_workers=max(1, min(threads, len(uris))))
+    try:
+        futures = [pool.submit(check, u, s.path, s.num_rows) for u, s in zip(uris, manifest.shards)]
         for f in futures:
             f.result()
+    finally:
+        # At the first bad shard, the checks not yet started are dropped, not waited for.
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _listed_sizes(fs, folder: str, where: str) -> Optional[dict[str, int]]:
+    """{file name: size} of the corpus folder, from one listing (on S3 a request per 1,000
+    files); None where the store does not allow listing, so each shard is looked up instead."""
+    import pyarrow.fs as pafs
+
+    try:
+        infos = storage.retry(lambda: fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)),
+                              what=f"listing the shards of {where}")
+    except PermissionError:
+        return None
+    except OSError as e:
+        if "AccessDenied" in str(e) or "ACCESS_DENIED" in str(e):
+            return None
+        raise
+    return {i.base_name: i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def _raise_first_bad_row(uri, fs, path, columns, manifest, where, problems) -> None:
@@ -335,19 +358,14 @@ def make_dataset(
     columns = manifest.stage_columns(stage)
     if verify:
         verify_shards(manifest, columns, target=target)
-    fs, _ = target.with_uri(manifest.uri).pyarrow_fs()
-    paths = [storage.bare_path(u) for u in manifest.shard_uris()]
-    with _footer_actors(len(paths)):
-        ds = ray.data.read_parquet(
-            paths,
-            filesystem=fs,
-            shuffle=ray.data.FileShuffleConfig(seed=seed) if shuffle else None,
-            include_paths=True,
-            # The manifest lists the files; no partition columns are hidden in their paths.
-            partitioning=None,
-        )
+    from mdt_ray.data.datasource import ManifestDatasource
+
+    # Read tasks planned from the manifest (no listing, no second pass over the footers), many
+    # small shards to a task: ray.data.read_parquet's start-up grew with the shard count.
+    source = ManifestDatasource(target.with_uri(manifest.uri), manifest.shards, ["asset_id", *columns],
+                                seed=seed if shuffle else None)
+    ds = ray.data.read_datasource(source)
     _set_streaming(ds, block_bytes, memory_bytes)
-    ds = ds.select_columns(["asset_id", *columns, _PATH])
     if decode == "collate":
         return ds
     # The decode step travels to every task: it needs the shapes and statistics, not the shard
@@ -392,27 +410,6 @@ def ingest_options(memory_bytes: int, *, base=None) -> "ray.data.ExecutionOption
     options = copy.deepcopy(base if base is not None else ray.data.DataContext.get_current().execution_options)
     options.resource_limits = options.resource_limits.copy(object_store_memory=float(memory_bytes))
     return options
-
-
-@contextlib.contextmanager
-def _footer_actors(num_files: int):
-    """Size Ray Data's pool of Parquet footer-reading actors to the shard count.
-
-    Ray 2.60's Parquet reader starts RAY_DATA_PARQUET_FOOTER_NUM_ACTORS (default 32) actor
-    processes per read to fetch footers for its task planning, whatever the file count. On a
-    small machine that alone took tens of seconds and ~3 GB before the first batch; one actor
-    per 256 shards (up to 32) reads the footers as fast. The variable is read when the read is
-    planned, here in the driver; a value the user set is left alone.
-    """
-    key = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-    if key in os.environ:
-        yield
-        return
-    os.environ[key] = str(max(1, min(32, -(-num_files // 256))))
-    try:
-        yield
-    finally:
-        os.environ.pop(key, None)
 
 
 def load_local(target: str | StorageTarget, *, stage: str = "ss", limit: Optional[int] = None,
@@ -486,16 +483,15 @@ def _concat(parts: list[dict[str, Any]], stage: str, manifest: Manifest) -> dict
 
 
 # -- batches for the training loop ---------------------------------------------------------------
-_FRAGMENT = re.compile(r"Failed to read fragment (\S+)")
 _OUR_ERROR = re.compile(r"mdt_ray\.data\.schema\.CorpusError: (.+)")
 
 
 def _plain_errors(batches: Iterator[Any]) -> Iterator[Any]:
     """Re-raise errors from Ray tasks as short CorpusErrors that name the shard.
 
-    A CorpusError raised by the decode step reaches the driver wrapped in a RayTaskError that
-    carries the worker's traceback; a shard that fails to decode (damaged pages) is named only
-    in Ray's retry note ("Failed to read fragment <path>"). Both become one line here.
+    A CorpusError raised by a read task (a shard missing or damaged) or by the decode step (a
+    bad row) reaches the driver wrapped in a RayTaskError that carries the worker's traceback;
+    it becomes one line here.
     """
     try:
         yield from batches
@@ -504,23 +500,11 @@ def _plain_errors(batches: Iterator[Any]) -> Iterator[Any]:
         for inner in (cause, getattr(cause, "__cause__", None)):
             if isinstance(inner, CorpusError):
                 raise CorpusError(str(inner)) from exc
-        text = str(exc)
         # Ray Data wraps a UDF's error in UserCodeException and may keep only its text.
-        ours = _OUR_ERROR.search(text)
+        ours = _OUR_ERROR.search(str(exc))
         if ours is not None:
             raise CorpusError(ours.group(1).strip()) from exc
-        match = _FRAGMENT.search(text)
-        if match is None:
-            raise
-        path = match.group(1)
-        reason = cause if cause is not None else exc
-        kind = type(reason).__name__
-        # Ray appends its retry notes after the original message: keep the first line.
-        detail = str(reason).strip().splitlines()[0] if str(reason).strip() else kind
-        if not path.startswith("/"):  # make_dataset passes local shards as absolute paths
-            path = "s3://" + path
-        raise CorpusError(f"shard {path} could not be read ({kind}: {detail}); it is damaged or "
-                          "was rewritten during the run: rebuild or re-import it") from exc
+        raise
 
 
 def _collate(manifest: Optional[Manifest]):
