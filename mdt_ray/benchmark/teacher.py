@@ -49,15 +49,24 @@ class ExactRegression:
     dt: float = 0.0
     derivative: str = "discrete"
     p_uncond: float = 0.1
+    p_mix: float = 0.0  # the share of samples moved off the data toward another mode (see exact_regression_loss)
 
 
 def exact_regression_loss(model: torch.nn.Module, exact: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, *,
                           noise: torch.Tensor, t: torch.Tensor, drop: Optional[torch.Tensor] = None,
+                          partner: Optional[torch.Tensor] = None, mix: Optional[torch.Tensor] = None,
                           sigma_min: float = 1e-5) -> dict[str, Any]:
-    """mean‖f(x_t, t, c) − v*(x_t, t, c)‖² at x_t = diffuse(x0, noise, t); `drop` (B,) bool gives
-    those samples the zero condition and the unconditional target."""
+    """mean‖f(x_t, t, c) − v*(x_t, t, c)‖² at x_t = diffuse(x0 + mix·(partner − x0), noise, t);
+    `drop` (B,) bool gives those samples the zero condition and the unconditional target.
+
+    The exact field is known everywhere, not only near the data, so the network can be taught
+    where its own sampler goes: a sampler whose estimate is a blend of two modes (a blurred shape)
+    lands between them, where a network trained on data + noise alone has never been and keeps
+    the blur. `partner` (B, *S) and `mix` (B,) in [0, 0.5) put x_t there; the target is still v*."""
     if drop is not None:
         cond = torch.where(drop.reshape(-1, 1, 1), torch.zeros_like(cond), cond)
+    if partner is not None and mix is not None:
+        x0 = x0 + mix.reshape(-1, *([1] * (x0.dim() - 1))) * (partner - x0)
     x_t = diffuse(x0, noise, t, sigma_min)
     with torch.no_grad():
         target = exact(x_t, 1000 * t, cond)
@@ -70,8 +79,17 @@ def _exact_objective(distill, student, teacher, x0, cond, neg_cond, draws, gener
     drop = None
     if distill.p_uncond > 0:
         drop = torch.rand(batch_size(x0), generator=generator, device=x0.device) < distill.p_uncond
+    partner = mix = None
+    if distill.p_mix > 0:
+        # A mode of the sample's own condition (drawn by its weight), so the blend stays on the
+        # condition's side; mix < 0.5 keeps the sample's own mode the nearer one.
+        weights = teacher.weight_table[teacher.condition_index(cond)]
+        partner = teacher.means[torch.multinomial(weights, 1, generator=generator).squeeze(1)].to(x0.dtype)
+        n = batch_size(x0)
+        moved = torch.rand(n, generator=generator, device=x0.device) < distill.p_mix
+        mix = 0.5 * torch.rand(n, generator=generator, device=x0.device) * moved
     return exact_regression_loss(student, teacher, x0, cond, noise=draws["noise"], t=draws["t"], drop=drop,
-                                 sigma_min=distill.sigma_min)
+                                 partner=partner, mix=mix, sigma_min=distill.sigma_min)
 
 
 objectives.METHODS.setdefault("exact", _exact_objective)
@@ -91,6 +109,7 @@ class TeacherRecipe:
     # docs/benchmark.md), so the network must see many high-t samples.
     t_mean: float = 0.0
     t_std: float = 1.2
+    p_mix: float = 0.0  # ExactRegression.p_mix
 
 
 def _train_config(r: TeacherRecipe):
@@ -126,7 +145,7 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
         model = build_model(config or TEACHER_CONFIG).float().train()
     exact = distribution().exact_teacher()
     tc = _train_config(recipe)
-    objective = ExactRegression(t_mean=recipe.t_mean, t_std=recipe.t_std)
+    objective = ExactRegression(t_mean=recipe.t_mean, t_std=recipe.t_std, p_mix=recipe.p_mix)
     engine = Engine(model, exact, stage=stage, distill=objective, train=tc, keep_ema=True,
                     lr_at=lambda s: lr_at(s, tc.steps, tc.lr))
     params = sum(p.numel() for p in model.parameters())
