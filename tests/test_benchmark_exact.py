@@ -238,3 +238,46 @@ def test_trajectory_diagnosis_of_the_exact_field_and_of_a_field_that_ignores_the
 
     rows = trajectory_diagnosis(Noise(), per_condition=2)
     assert rows[-1]["iou"] < 0.5 and max(r["rel_err"] for r in rows[:-1]) > 0.1
+
+
+def test_exact_regression_blends_its_inputs_toward_the_partner_and_targets_the_exact_field():
+    from mdt_ray.benchmark.corpus import distribution
+    from mdt_ray.benchmark.teacher import ExactRegression, exact_regression_loss
+    from mdt_ray.flow import diffuse
+
+    dist = distribution()
+    exact = dist.exact_teacher()
+    lat = torch.tensor(dist.latents, dtype=torch.float32)
+    x0, partner = lat[[0, 3]], lat[[1, 4]]
+    cond = torch.tensor(dist.cond, dtype=torch.float32)[[0, 1]]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    t, mix = torch.tensor([0.5, 0.3]), torch.tensor([0.25, 0.0])
+    seen = []
+
+    class Recording(torch.nn.Module):
+        def forward(self, x, tt, c):
+            seen.append(x)
+            return exact(x, tt, c)
+
+    out = exact_regression_loss(Recording(), exact, x0, cond, noise=noise, t=t, partner=partner, mix=mix)
+    blended = x0 + torch.tensor([0.25, 0.0]).reshape(2, 1, 1, 1, 1) * (partner - x0)
+    assert torch.allclose(seen[0], diffuse(blended, noise, t))
+    assert float(out["loss"]) < 1e-8  # the exact field is its own target, on and off the data
+    assert ExactRegression().p_mix == 0.0
+
+    # Through the objective: the partner is a mode of the sample's own condition.
+    from mdt_ray import objectives
+
+    seen.clear()
+    out = objectives.METHODS["exact"](ExactRegression(p_mix=1.0, p_uncond=0.0), Recording(), exact, x0, cond, None,
+                                      {"noise": noise, "t": t}, torch.Generator().manual_seed(1))
+    assert float(out["loss"]) < 1e-8
+    s = (1 - 1e-5) * t + 1e-5
+    x0_seen = (seen[0] - s.reshape(2, 1, 1, 1, 1) * noise) / (1 - t).reshape(2, 1, 1, 1, 1)
+    for row, k in enumerate((0, 1)):
+        # x0_seen = (1 - m)·x0 + m·partner with m < 0.5: every element lies between x0 and a mode of condition k.
+        options = lat[list(dist.components[k])]
+        m_hat = [float(((x0_seen[row] - x0[row]) * (p - x0[row])).sum() / max(float((p - x0[row]).pow(2).sum()), 1e-9))
+                 for p in options]
+        assert any(0 <= m < 0.5 and torch.allclose(x0_seen[row], x0[row] + m * (p - x0[row]), atol=1e-4)
+                   for m, p in zip(m_hat, options))
