@@ -122,41 +122,41 @@ def test_ray_datas_operators_are_summed_up_in_one_line_and_a_silent_coordinator_
     assert _data_progress(_Shard(hang=True), wait_s=0.2) == "Ray Data's stats gave no answer within 0.2 s"
 
 
+def _stopped_by_the_watchdog(code: str):
+    """Run `code` in a fresh interpreter; it must be ended by a watchdog (exit 70) well within a minute."""
+    import subprocess
+    import sys
+
+    t0 = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 70, out.stdout + out.stderr
+    assert time.monotonic() - t0 < 60
+    return out
+
+
 def test_an_upload_that_outlasts_its_limit_stops_the_worker_process_with_a_message():
     """The checkpoint-upload watchdog (train.upload_timeout_s): a block that does not return in
     time ends the process (Ray Train then restarts the workers from the last complete
     checkpoint); one that returns in time leaves it running."""
-    import subprocess
-    import sys
-
     code = ("import time\nfrom mdt_ray.train.loop import _upload_watchdog\n"
             "with _upload_watchdog(7, 's3://b/runs (at http://127.0.0.1:1)', 5.0):\n    time.sleep(0.1)\n"
             "print('in time', flush=True)\n"
             "with _upload_watchdog(8, 's3://b/runs (at http://127.0.0.1:1)', 0.5):\n    time.sleep(60)\n"
             "print('not reached', flush=True)\n")
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 70, out.stdout + out.stderr
+    out = _stopped_by_the_watchdog(code)
     assert out.stdout.splitlines()[0] == "in time" and "not reached" not in out.stdout
     assert "checkpoint upload of step 8 to s3://b/runs (at http://127.0.0.1:1) has not finished after 0.5 s" \
         " (train.upload_timeout_s)" in out.stdout
-    assert time.monotonic() - t0 < 60
 
 
 def test_the_upload_watchdog_also_stops_the_process_from_a_background_upload_thread():
     """With train.async_upload the upload runs in Ray Train's thread pool, not the training
     thread: the watchdog started there ends the process all the same while training goes on."""
-    import subprocess
-    import sys
-
     code = ("import time\nfrom concurrent.futures import ThreadPoolExecutor\n"
             "from mdt_ray.train.loop import _upload_watchdog\n"
             "def upload():\n    with _upload_watchdog(9, 's3://b/runs', 0.5):\n        time.sleep(60)\n"
             "ThreadPoolExecutor(1).submit(upload)\n"
             "for i in range(600):\n    time.sleep(0.1)\n    print('step', i, flush=True)\n")
-    t0 = time.monotonic()
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 70, out.stdout + out.stderr
+    out = _stopped_by_the_watchdog(code)
     assert "checkpoint upload of step 9 to s3://b/runs has not finished after 0.5 s" in out.stdout
     assert "step 0" in out.stdout and "step 599" not in out.stdout  # training ran until the stop
-    assert time.monotonic() - t0 < 60
