@@ -39,14 +39,16 @@ def build_corpora(root: Path, *, overwrite: bool = False) -> dict[str, str]:
 # The committed teacher's recipe: five runs, each continuing from the EMA weights of the one
 # before with a fresh optimizer and its own warm-up + cosine. The first is the original recipe;
 # the next two move the training times toward t = 1, where the modes separate; the fourth goes
-# back to mid t, where the shapes are drawn; the fifth also trains between modes (p_mix), where
-# the teacher's own sampler goes (docs/benchmark.md has what each changed).
+# back to mid t, where the shapes are drawn; the fifth also trains between modes (p_mix); the
+# sixth on the states of the teacher's own 25-step sampler (OwnTrajectories), where it had
+# drifted off the data's path (docs/benchmark.md has what each changed).
 TEACHER_PHASES = (
     {"steps": 600, "lr": 1.5e-3, "t_mean": 0.0, "t_std": 1.2},
     {"steps": 300, "lr": 1e-3, "t_mean": 1.5, "t_std": 1.2},
     {"steps": 3000, "lr": 1.5e-3, "t_mean": 1.0, "t_std": 1.2},
     {"steps": 2000, "lr": 1e-3, "t_mean": 0.0, "t_std": 1.2},
     {"steps": 1500, "lr": 1e-3, "t_mean": 0.0, "t_std": 1.2, "p_mix": 0.5},
+    {"steps": 1200, "lr": 7e-4, "t_mean": 0.0, "t_std": 1.2, "own_per_step": 8},
 )
 
 
@@ -109,6 +111,8 @@ def main(argv=None) -> int:
     t.add_argument("--t-mean", type=float, default=None, help="training times ~ logit-normal(t_mean, t_std)")
     t.add_argument("--t-std", type=float, default=None)
     t.add_argument("--p-mix", type=float, default=None, help="share of samples blended toward another mode")
+    t.add_argument("--own-per-step", type=int, default=None,
+                   help="states of the network's own 25-step sampler added to every batch (OwnTrajectories)")
     t.add_argument("--snapshot-every", type=int, default=0, help="also export the EMA weights every N steps")
     t.add_argument("--init", default=None, help="continue from this TRELLIS json instead of a fresh model")
     t.add_argument("--root", default=str(ROOT))
@@ -144,9 +148,10 @@ def main(argv=None) -> int:
         return diagnose(args)
     uris = build_corpora(Path(args.root))
     if args.command == "teacher":
-        if any(v is not None for v in (args.steps, args.lr, args.t_mean, args.t_std, args.p_mix, args.init)):
+        if any(v is not None for v in (args.steps, args.lr, args.t_mean, args.t_std, args.p_mix, args.own_per_step,
+                                        args.init)):
             phases = [{"steps": args.steps, "lr": args.lr, "t_mean": args.t_mean, "t_std": args.t_std,
-                       "p_mix": args.p_mix}]
+                       "p_mix": args.p_mix, "own_per_step": args.own_per_step}]
         else:
             phases = TEACHER_PHASES
         train_teacher(uris["train"], Path(args.out), args.name, phases, init=args.init,

@@ -281,3 +281,51 @@ def test_exact_regression_blends_its_inputs_toward_the_partner_and_targets_the_e
                  for p in options]
         assert any(0 <= m < 0.5 and torch.allclose(x0_seen[row], x0[row] + m * (p - x0[row]), atol=1e-4)
                    for m, p in zip(m_hat, options))
+
+
+def test_own_trajectories_are_the_network_s_own_euler_states_and_refresh_on_schedule():
+    from mdt_ray import objectives
+    from mdt_ray.benchmark.corpus import distribution
+    from mdt_ray.benchmark.teacher import ExactRegression, OwnTrajectories
+    from mdt_ray.flow import time_grid
+
+    exact = distribution().exact_teacher()
+    calls = []
+
+    class Counting(torch.nn.Module):
+        def forward(self, x, tt, c):
+            calls.append(x.shape[0])
+            return exact(x, tt, c)
+
+    model = Counting().train()
+    own = OwnTrajectories(4, every=2, rollouts=3, steps=5)
+    g = torch.Generator().manual_seed(0)
+    x, t, cond = own.draw(model, exact, g)
+    assert calls == [3] * 5 and model.training  # one rollout of 5 steps, training mode restored
+    assert x.shape == (4, *exact.means.shape[1:]) and t.shape == (4,) and cond.shape[0] == 4
+    grid = time_grid(5, 3.0)
+    assert own.x.shape[0] == 15 and np.allclose(sorted(set(own.t.tolist())), sorted(grid[:-1]))
+    # State i + 1 of trajectory j is the Euler step from state i (states are stored step by step).
+    with torch.no_grad():
+        for i in range(4):
+            a, b = slice(3 * i, 3 * i + 3), slice(3 * i + 3, 3 * i + 6)
+            step = own.x[a] - (grid[i] - grid[i + 1]) * exact(own.x[a], 1000 * own.t[a], own.cond[a])
+            assert torch.allclose(own.x[b], step, atol=1e-5)
+    assert exact.condition_index(own.cond).max() < exact.cond_tokens.shape[0]  # real conditions, not the zero one
+    own.draw(model, exact, g)
+    assert len(calls) == 5  # the second draw reuses the states
+    own.draw(model, exact, g)
+    assert len(calls) == 10  # the third rolls out again (every 2 draws)
+
+    # Through the objective: the batch grows by per_step, and the exact field is its own target there.
+    dist = distribution()
+    x0 = torch.tensor(dist.latents[:2], dtype=torch.float32)
+    c = torch.tensor(dist.cond, dtype=torch.float32)[[0, 0]]
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
+    out = objectives.METHODS["exact"](ExactRegression(p_uncond=0.0, own=OwnTrajectories(3, rollouts=2, steps=4)),
+                                      exact, exact, x0, c, None, {"noise": noise, "t": torch.tensor([0.3, 0.8])},
+                                      torch.Generator().manual_seed(2))
+    assert out["batch"] == 5 and float(out["loss"]) < 1e-8
+    assert ExactRegression(own=OwnTrajectories(3)).settings()["own"]["per_step"] == 3
+    with pytest.raises(ValueError, match="per_step 0"):
+        OwnTrajectories(0)

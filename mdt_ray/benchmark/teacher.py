@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -50,14 +50,74 @@ class ExactRegression:
     derivative: str = "discrete"
     p_uncond: float = 0.1
     p_mix: float = 0.0  # the share of samples moved off the data toward another mode (see exact_regression_loss)
+    # States of the network's own sampler added to every batch (OwnTrajectories); None: data only.
+    own: Optional["OwnTrajectories"] = field(default=None, repr=False, compare=False)
+
+    def settings(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "own"}
+        if self.own is not None:
+            out["own"] = self.own.settings()
+        return out
+
+
+class OwnTrajectories:
+    """States the network's own sampler visits, to train it there.
+
+    A network fitted on x_t = diffuse(x0, ε, t) alone is accurate on the data's noisy path but
+    not where its own sampler goes once it has drifted a little: there the exact field pulls
+    hard back to a mode, and the network, never shown those points, keeps the drift (the
+    diagnosis in docs/benchmark.md measured it). Every `every` draws this rolls out `rollouts` fresh
+    `steps`-step trajectories of the current network (TRELLIS's grid, no guidance: the sampler
+    the benchmark scores) and keeps all their states; each draw returns `per_step` of them.
+    The exact target is known at any point, so these need no data."""
+
+    def __init__(self, per_step: int, *, every: int = 50, rollouts: int = 16, steps: int = 25, rescale_t: float = 3.0):
+        if per_step < 1 or every < 1 or rollouts < 1:
+            raise ValueError(f"OwnTrajectories: per_step {per_step}, every {every} and rollouts {rollouts} must be >= 1")
+        self.per_step, self.every, self.rollouts, self.steps, self.rescale_t = per_step, every, rollouts, steps, rescale_t
+        self.draws = 0
+        self.x = self.t = self.cond = None
+
+    def settings(self) -> dict[str, Any]:
+        return {"per_step": self.per_step, "every": self.every, "rollouts": self.rollouts, "steps": self.steps,
+                "rescale_t": self.rescale_t}
+
+    def rollout(self, model: torch.nn.Module, exact: torch.nn.Module, generator: torch.Generator) -> None:
+        from mdt_ray.flow import time_grid
+
+        tokens = exact.cond_tokens
+        cond = tokens[torch.randint(tokens.shape[0], (self.rollouts,), generator=generator, device=tokens.device)]
+        x = torch.randn((self.rollouts, *exact.means.shape[1:]), generator=generator, device=tokens.device)
+        xs, ts = [], []
+        grid = time_grid(self.steps, self.rescale_t)
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            for t_cur, t_next in zip(grid[:-1], grid[1:]):
+                t = torch.full((self.rollouts,), float(t_cur), device=x.device)
+                xs.append(x)
+                ts.append(t)
+                x = x - (t_cur - t_next) * model(x, 1000 * t, cond)
+        model.train(was_training)
+        self.x, self.t, self.cond = torch.cat(xs), torch.cat(ts), cond.repeat(len(xs), 1, 1)
+
+    def draw(self, model: torch.nn.Module, exact: torch.nn.Module,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.draws % self.every == 0:
+            self.rollout(model, exact, generator)
+        self.draws += 1
+        idx = torch.randint(self.x.shape[0], (self.per_step,), generator=generator, device=self.x.device)
+        return self.x[idx], self.t[idx], self.cond[idx]
 
 
 def exact_regression_loss(model: torch.nn.Module, exact: torch.nn.Module, x0: torch.Tensor, cond: torch.Tensor, *,
                           noise: torch.Tensor, t: torch.Tensor, drop: Optional[torch.Tensor] = None,
                           partner: Optional[torch.Tensor] = None, mix: Optional[torch.Tensor] = None,
+                          own: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None,
                           sigma_min: float = 1e-5) -> dict[str, Any]:
     """mean‖f(x_t, t, c) − v*(x_t, t, c)‖² at x_t = diffuse(x0 + mix·(partner − x0), noise, t);
-    `drop` (B,) bool gives those samples the zero condition and the unconditional target.
+    `drop` (B,) bool gives those samples the zero condition and the unconditional target;
+    `own` = (x_t, t, cond) are further points (OwnTrajectories) appended to the batch as they are.
 
     The exact field is known everywhere, not only near the data, so the network can be taught
     where its own sampler goes: a sampler whose estimate is a blend of two modes (a blurred shape)
@@ -68,11 +128,13 @@ def exact_regression_loss(model: torch.nn.Module, exact: torch.nn.Module, x0: to
     if partner is not None and mix is not None:
         x0 = x0 + mix.reshape(-1, *([1] * (x0.dim() - 1))) * (partner - x0)
     x_t = diffuse(x0, noise, t, sigma_min)
+    if own is not None:
+        x_t, t, cond = (torch.cat([a, b.to(a.dtype)]) for a, b in zip((x_t, t, cond), own))
     with torch.no_grad():
         target = exact(x_t, 1000 * t, cond)
     pred = model(x_t, 1000 * t, cond)
     loss = (pred - target).pow(2).mean()
-    return {"loss": loss, "loss_exact": loss.detach(), "batch": batch_size(x0)}
+    return {"loss": loss, "loss_exact": loss.detach(), "batch": batch_size(x_t)}
 
 
 def _exact_objective(distill, student, teacher, x0, cond, neg_cond, draws, generator):
@@ -88,8 +150,9 @@ def _exact_objective(distill, student, teacher, x0, cond, neg_cond, draws, gener
         n = batch_size(x0)
         moved = torch.rand(n, generator=generator, device=x0.device) < distill.p_mix
         mix = 0.5 * torch.rand(n, generator=generator, device=x0.device) * moved
+    own = distill.own.draw(student, teacher, generator) if distill.own is not None else None
     return exact_regression_loss(student, teacher, x0, cond, noise=draws["noise"], t=draws["t"], drop=drop,
-                                 partner=partner, mix=mix, sigma_min=distill.sigma_min)
+                                 partner=partner, mix=mix, own=own, sigma_min=distill.sigma_min)
 
 
 objectives.METHODS.setdefault("exact", _exact_objective)
@@ -110,6 +173,8 @@ class TeacherRecipe:
     t_mean: float = 0.0
     t_std: float = 1.2
     p_mix: float = 0.0  # ExactRegression.p_mix
+    own_per_step: int = 0  # > 0: that many states of the network's own sampler in every batch (OwnTrajectories)
+    own_every: int = 50
 
 
 def _train_config(r: TeacherRecipe):
@@ -145,7 +210,8 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
         model = build_model(config or TEACHER_CONFIG).float().train()
     exact = distribution().exact_teacher()
     tc = _train_config(recipe)
-    objective = ExactRegression(t_mean=recipe.t_mean, t_std=recipe.t_std, p_mix=recipe.p_mix)
+    own = OwnTrajectories(recipe.own_per_step, every=recipe.own_every) if recipe.own_per_step > 0 else None
+    objective = ExactRegression(t_mean=recipe.t_mean, t_std=recipe.t_std, p_mix=recipe.p_mix, own=own)
     engine = Engine(model, exact, stage=stage, distill=objective, train=tc, keep_ema=True,
                     lr_at=lambda s: lr_at(s, tc.steps, tc.lr))
     params = sum(p.numel() for p in model.parameters())
@@ -169,7 +235,7 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
     final = engine.averaged_model().eval().requires_grad_(False)
     json_path, st_path = export_trellis(final, out_dir, name, fp16=False)
     summary = {"json": str(json_path), "safetensors": str(st_path), "params": params, "train_s": train_s,
-               "cpu_s": cpu_s, "recipe": recipe.__dict__, "objective": objective.__dict__,
+               "cpu_s": cpu_s, "recipe": recipe.__dict__, "objective": objective.settings(),
                "train_uri": train_uri, "init": init, "curve": curve}
     Path(out_dir, f"{name}.train.json").write_text(json.dumps(summary, indent=1))
     log(f"[teacher] done in {train_s / 60:.1f} min ({cpu_s:.0f} s CPU) -> {json_path}")
