@@ -36,7 +36,7 @@ def build_corpora(root: Path, *, overwrite: bool = False) -> dict[str, str]:
     return uris
 
 
-# The committed teacher's recipe: five runs, each continuing from the EMA weights of the one
+# The committed teacher's recipe: six runs, each continuing from the EMA weights of the one
 # before with a fresh optimizer and its own warm-up + cosine. The first is the original recipe;
 # the next two move the training times toward t = 1, where the modes separate; the fourth goes
 # back to mid t, where the shapes are drawn; the fifth also trains between modes (p_mix); the
