@@ -52,20 +52,32 @@ TEACHER_PHASES = (
 )
 
 
-def train_teacher(train_uri: str, out: Path, name: str, phases, *, init=None, snapshot_every: int = 0) -> None:
+def teacher_recipes(phases) -> list:
+    """One TeacherRecipe per phase, each checked: a bad value in the last phase must surface
+    before the corpora are built and the first phase trains, not after an hour of them."""
+    from mdt_ray.benchmark.teacher import TeacherRecipe
+
+    recipes = []
+    for i, phase in enumerate(phases):
+        recipe = TeacherRecipe()
+        for key, value in phase.items():
+            if value is not None:
+                setattr(recipe, key, value)
+        recipe.check(f"phase {i + 1}")
+        recipes.append(recipe)
+    return recipes
+
+
+def train_teacher(train_uri: str, out: Path, name: str, recipes, *, init=None, snapshot_every: int = 0) -> None:
     import json
     import tempfile
 
-    from mdt_ray.benchmark.teacher import TeacherRecipe, pretrain_teacher
+    from mdt_ray.benchmark.teacher import pretrain_teacher
 
     summaries = []
     with tempfile.TemporaryDirectory(prefix="teacher-phases-") as scratch:
-        for i, phase in enumerate(phases):
-            recipe = TeacherRecipe()
-            for key, value in phase.items():
-                if value is not None:
-                    setattr(recipe, key, value)
-            last = i == len(phases) - 1
+        for i, recipe in enumerate(recipes):
+            last = i == len(recipes) - 1
             where, label = (out, name) if last else (Path(scratch), f"{name}_phase{i + 1}")
             summary = pretrain_teacher(train_uri, where, name=label, recipe=recipe, log_every=50, init=init,
                                        snapshot_every=snapshot_every if last else 0)
@@ -94,6 +106,26 @@ def diagnose(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
+
+
+def _count(text: str) -> int:
+    """argparse type: an integer >= 1 (the budget's counts), so a bad one is a usage error."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def phases_from(args) -> list[dict]:
+    """The committed recipe, or the one phase the command line describes."""
+    if any(v is not None for v in (args.steps, args.lr, args.t_mean, args.t_std, args.p_mix, args.own_per_step,
+                                    args.init)):
+        return [{"steps": args.steps, "lr": args.lr, "t_mean": args.t_mean, "t_std": args.t_std,
+                 "p_mix": args.p_mix, "own_per_step": args.own_per_step}]
+    return list(TEACHER_PHASES)
 
 
 def main(argv=None) -> int:
@@ -135,7 +167,7 @@ def main(argv=None) -> int:
     r.add_argument("--no-sweep", action="store_true", help="skip the Ray Tune sweeps; use the default settings")
     r.add_argument("--no-mlflow", action="store_true")
     for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds"):
-        r.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, dest=name)
+        r.add_argument(f"--{name.replace('_', '-')}", type=_count, default=None, dest=name)
     args = p.parse_args(argv)
 
     import torch
@@ -146,15 +178,14 @@ def main(argv=None) -> int:
         return 0
     if args.command == "diagnose":
         return diagnose(args)
+    if args.command == "teacher":
+        try:
+            recipes = teacher_recipes(phases_from(args))
+        except ValueError as e:
+            p.error(str(e))
     uris = build_corpora(Path(args.root))
     if args.command == "teacher":
-        if any(v is not None for v in (args.steps, args.lr, args.t_mean, args.t_std, args.p_mix, args.own_per_step,
-                                        args.init)):
-            phases = [{"steps": args.steps, "lr": args.lr, "t_mean": args.t_mean, "t_std": args.t_std,
-                       "p_mix": args.p_mix, "own_per_step": args.own_per_step}]
-        else:
-            phases = TEACHER_PHASES
-        train_teacher(uris["train"], Path(args.out), args.name, phases, init=args.init,
+        train_teacher(uris["train"], Path(args.out), args.name, recipes, init=args.init,
                       snapshot_every=args.snapshot_every)
         return 0
     from mdt_ray.benchmark.compare import Budget, run_benchmark, teachers_report

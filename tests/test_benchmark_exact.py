@@ -329,3 +329,27 @@ def test_own_trajectories_are_the_network_s_own_euler_states_and_refresh_on_sche
     assert ExactRegression(own=OwnTrajectories(3)).settings()["own"]["per_step"] == 3
     with pytest.raises(ValueError, match="per_step 0"):
         OwnTrajectories(0)
+
+
+def test_a_teacher_recipe_that_cannot_train_is_refused_naming_its_phase_and_setting(tmp_path):
+    from mdt_ray.benchmark.teacher import TeacherRecipe
+
+    TeacherRecipe(own_per_step=8, p_mix=0.5).check()
+    for bad, key in (({"own_per_step": -1}, "own_per_step"), ({"p_mix": 1.5}, "p_mix"), ({"steps": 0}, "steps"),
+                     ({"lr": 0.0}, "lr"), ({"t_std": -1.0}, "t_std")):
+        with pytest.raises(ValueError, match=f"phase 3: {key} must be"):
+            TeacherRecipe(**bad).check("phase 3")
+
+    # methods.py checks every phase before it builds the corpora or trains: one line, exit 2.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, str(root / "benchmarks/methods.py"), "teacher", "--own-per-step", "-2",
+                          "--root", str(tmp_path), "--out", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "phase 1: own_per_step must be an integer >= 0 (0: data only), got -2" in out.stderr
+    assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []

@@ -176,6 +176,20 @@ class TeacherRecipe:
     own_per_step: int = 0  # > 0: that many states of the network's own sampler in every batch (OwnTrajectories)
     own_every: int = 50
 
+    def check(self, where: str = "teacher recipe") -> None:
+        """ValueError naming the first setting that cannot train."""
+        for key in ("steps", "batch_size", "own_every"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{where}: {key} must be an integer >= 1, got {getattr(self, key)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"{where}: lr must be > 0, got {self.lr!r}")
+        if not self.t_std > 0:
+            raise ValueError(f"{where}: t_std must be > 0, got {self.t_std!r}")
+        if not 0 <= self.p_mix <= 1:
+            raise ValueError(f"{where}: p_mix must be in [0, 1], got {self.p_mix!r}")
+        if not isinstance(self.own_per_step, int) or self.own_per_step < 0:
+            raise ValueError(f"{where}: own_per_step must be an integer >= 0 (0: data only), got {self.own_per_step!r}")
+
 
 def _train_config(r: TeacherRecipe):
     from mdt_ray.config import TrainConfig
@@ -199,6 +213,7 @@ def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER
     from mdt_ray.stages import get_stage
 
     recipe = recipe or TeacherRecipe()
+    recipe.check()
     stage = get_stage("ss")
     split = stage.load(StorageTarget(train_uri))
     torch.manual_seed(recipe.seed)
