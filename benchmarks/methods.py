@@ -43,12 +43,10 @@ def build_corpora(root: Path, *, overwrite: bool = False) -> dict[str, str]:
 # sixth on the states of the teacher's own 25-step sampler (OwnTrajectories), where it had
 # drifted off the data's path (docs/benchmark.md has what each changed).
 TEACHER_PHASES = (
-    {"steps": 600, "lr": 1.5e-3, "t_mean": 0.0, "t_std": 1.2},
-    {"steps": 300, "lr": 1e-3, "t_mean": 1.5, "t_std": 1.2},
-    {"steps": 3000, "lr": 1.5e-3, "t_mean": 1.0, "t_std": 1.2},
-    {"steps": 2000, "lr": 1e-3, "t_mean": 0.0, "t_std": 1.2},
-    {"steps": 1500, "lr": 1e-3, "t_mean": 0.0, "t_std": 1.2, "p_mix": 0.5},
-    {"steps": 1200, "lr": 7e-4, "t_mean": 0.0, "t_std": 1.2, "own_per_step": 8},
+    {"steps": 500, "lr": 1.5e-3, "t_mean": 0.0, "t_std": 1.2},
+    {"steps": 2500, "lr": 1.5e-3, "t_mean": 1.0, "t_std": 1.2},
+    {"steps": 1000, "lr": 1e-3, "t_mean": 0.0, "t_std": 1.2},
+    {"steps": 1600, "lr": 7e-4, "t_mean": 0.0, "t_std": 1.2, "batch_size": 8, "own_per_step": 8},
 )
 
 

@@ -285,14 +285,20 @@ class DenseStage(Stage):
         return x.float().cpu().numpy()
 
     def decoder(self, split):
-        # The synthetic corpus decodes exactly; TRELLIS latents need TRELLIS's VAE decoder.
-        if split.source.get("kind") != "synthetic":
+        # The synthetic and multimodal corpora decode exactly; TRELLIS latents need TRELLIS's VAE decoder.
+        if split.source.get("kind") not in ("synthetic", "multimodal"):
             return None
         from mdt_ray.data.synthetic import decode_ss
 
         return decode_ss
 
     def score(self, samples, split, *, full=False):
+        if split.source.get("kind") == "multimodal":
+            # Its rows are draws of a known distribution: a sample is scored as the mode it is, if
+            # any (precision, coverage, mode TV; IoU is the best-mode IoU), not against its own row.
+            from mdt_ray.benchmark.score import score_split
+
+            return score_split(samples, split)
         reference = split.x0.numpy()
         out = {"fd": metrics.frechet_distance(metrics.latent_features(samples), metrics.latent_features(reference))}
         decode = self.decoder(split)

@@ -219,6 +219,20 @@ def test_corpus_build_kind_multimodal_writes_the_drawn_modes(tmp_path):
     # The cond column is stored in float16; the exact teacher still recognises every row.
     assert np.array_equal(d.exact_teacher().condition_index(split.cond).numpy(), [k for k, _ in drawn])
 
+    # The stage scores this corpus with the exact metrics (the in-training eval, the sweeps and
+    # `mdt-ray eval` all go through it): a sample is valid as any mode of its row's condition,
+    # not only the row's own shape, and the average of a condition's modes is no shape at all.
+    stage = get_stage("ss")
+    own = stage.score(split.x0.numpy(), split)
+    assert own["precision"] == 1.0 and own["iou"] == 1.0 and set(own) == {"precision", "coverage", "mode_tv", "fd", "iou"}
+    other = np.array([d.components[k][(d.components[k].index(m) + 1) % 3] for k, m in drawn])
+    assert stage.score(d.latents[other], split)["precision"] == 1.0
+    mean = np.stack([sum(w * d.latents[i] for i, w in zip(d.components[k], d.weights[k])) for k, _ in drawn])
+    assert stage.score(mean, split)["precision"] == 0.0
+    assert stage.decoder(split) is not None
+    evals = stage.quick_eval(d.exact_teacher(), split, steps=(1, 2))
+    assert evals["eval_precision_1step"] == 0.0 and evals["eval_precision_2step"] == 1.0
+
 
 def test_trajectory_diagnosis_of_the_exact_field_and_of_a_field_that_ignores_the_data():
     from mdt_ray.benchmark.teacher import trajectory_diagnosis

@@ -32,6 +32,9 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     # The MDT-dist sweep ran through Ray Tune and chose one of its grid's learning rates.
     selected = json.loads((out / "selected.json").read_text())
     assert selected["sweeps"]["mdt"]["best"]["params"]["train.lr"] in (1e-4, 3e-4)
+    # ...on the exact 2-step precision that its trials' in-training eval reported on validation.
+    assert "eval_precision_2step" in selected["sweeps"]["mdt"]["table"]
+    assert 0.0 <= selected["sweeps"]["mdt"]["best"]["metric"] <= 1.0
     # The ablation's Δt that the sweep kept is the final runs themselves, not a second training.
     assert results["dt_ablation"]["runs"]["dt=0.05"][0]["scores"] == results["runs"]["mdt"][0]["scores"]
     assert len(results["dt_ablation"]["runs"]["dt=0.1"]) == 1

@@ -95,3 +95,17 @@ def score(samples: Any, conditions: np.ndarray, dist, *, reference: Optional[np.
     if per_condition:
         out["per_condition"] = per
     return out
+
+
+def score_split(samples: Any, split) -> dict[str, float]:
+    """`score` against a multimodal corpus split (mdt_ray.stages.Split): the conditions are its
+    rows' cond tokens, so `mdt-ray eval`, the in-training eval and the sweeps report the exact
+    metrics on this corpus (a sample need not match its row's shape, only a mode of its condition)."""
+    from mdt_ray.benchmark.corpus import distribution
+
+    dist = distribution()
+    conditions = dist.exact_teacher().condition_index(split.cond).numpy()
+    if (conditions >= len(dist.components)).any():
+        raise ValueError(f"score: split {split.manifest.uri} has rows with the zero condition; each needs its own")
+    return score(samples, conditions, dist)
+
