@@ -1,7 +1,7 @@
 """The multimodal benchmark (docs/benchmark.md): corpora, the learned teacher, the method comparison.
 
     python benchmarks/methods.py corpora                 # train / val / test corpora under data/
-    python benchmarks/methods.py teacher                 # the committed learned teacher (mdt_ray/assets)
+    python benchmarks/methods.py --threads 2 teacher     # the committed learned teacher (mdt_ray/assets, ~40 min)
     python benchmarks/methods.py diagnose                # where its own sampler goes wrong
     python benchmarks/methods.py run --quick             # the CI smoke run (minutes)
     python benchmarks/methods.py run                     # the full comparison (docs/benchmark.md)
@@ -36,12 +36,12 @@ def build_corpora(root: Path, *, overwrite: bool = False) -> dict[str, str]:
     return uris
 
 
-# The committed teacher's recipe: six runs, each continuing from the EMA weights of the one
-# before with a fresh optimizer and its own warm-up + cosine. The first is the original recipe;
-# the next two move the training times toward t = 1, where the modes separate; the fourth goes
-# back to mid t, where the shapes are drawn; the fifth also trains between modes (p_mix); the
-# sixth on the states of the teacher's own 25-step sampler (OwnTrajectories), where it had
-# drifted off the data's path (docs/benchmark.md has what each changed).
+# The committed teacher's recipe (37.5 min at --threads 2 on 2 cores): four runs from scratch,
+# each continuing from the EMA weights of the one before with a fresh optimizer and its own
+# warm-up + cosine. A short start at mid t; many high-t samples, where the modes separate; mid t
+# again, where the shapes are drawn; then batches of 8 data rows + 8 states of the teacher's own
+# 25-step sampler (OwnTrajectories), where it drifts off the data's path. docs/benchmark.md has
+# the six-phase search (116 min) this condenses and what each part changed.
 TEACHER_PHASES = (
     {"steps": 500, "lr": 1.5e-3, "t_mean": 0.0, "t_std": 1.2},
     {"steps": 2500, "lr": 1.5e-3, "t_mean": 1.0, "t_std": 1.2},
