@@ -70,7 +70,7 @@ def main(argv=None) -> dict:
     times = {name: seconds / args.batch for name, seconds in per_call.items()}
     base = times[next(iter(variants))]
     print(f"two-stage sampling, {args.ss} + {args.slat}, batch {args.batch}, {len(coords)} voxels/asset, {device}, "
-          f"fastest of {args.repeats} interleaved rounds of equal length")
+          f"median of {args.repeats} interleaved rounds of equal length")
     print(f"{'':36s}{'s/asset':>10s}{'speed-up':>10s}")
     for name, t in times.items():
         print(f"{name:36s}{t:10.4f}{base / t:9.1f}x")

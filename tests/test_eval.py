@@ -153,7 +153,7 @@ def test_latency_and_speedup_bookkeeping(monkeypatch):
     with pytest.raises(ValueError, match="repeats must be >= 1"):
         measure_latency(entries, noise, cond, repeats=0)
 
-    # The fastest round counts: a round slowed by other work does not inflate the estimate.
+    # The median round counts: a round slowed by other work does not inflate the estimate.
     slow_once = {"n": 0}
 
     def jittery(x, t, c):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Any, Callable
 
@@ -31,11 +32,8 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], *, repeats: int = 3, m
 
     One untimed warm-up call each also measures how long it takes; then `repeats` rounds, every
     callable in turn, and in each round a callable runs back to back as many times as it takes
-    to last about as long as the slowest one (at most `max_calls`). The fastest round counts:
-    other work on the machine only ever adds time, so the least disturbed round is the best
-    estimate of each (timeit's reasoning), and the median of three still let one slow round of
-    the teacher's move a demo's 1-step speed-up 10 % past the ratio of network evaluations.
-    Equal-length chunks matter on a shared machine too: timed once each, a 1-step sampler
+    to last about as long as the slowest one (at most `max_calls`). The median round counts.
+    Equal-length chunks matter on a shared machine: timed once each, a 1-step sampler
     (milliseconds) often runs in a quiet gap while a 25-step one (a second) never does, and
     their ratio came out above the ratio of network evaluations, which no sampler can beat.
     """
@@ -60,7 +58,7 @@ def time_interleaved(calls: dict[str, Callable[[], Any]], *, repeats: int = 3, m
     for _ in range(repeats):
         for name, fn in calls.items():
             rounds[name].append(run(fn, count[name]) / count[name])
-    return {name: min(values) for name, values in rounds.items()}
+    return {name: statistics.median(values) for name, values in rounds.items()}
 
 
 @torch.no_grad()
