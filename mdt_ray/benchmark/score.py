@@ -106,6 +106,5 @@ def score_split(samples: Any, split) -> dict[str, float]:
     dist = distribution()
     conditions = dist.exact_teacher().condition_index(split.cond).numpy()
     if (conditions >= len(dist.components)).any():
-        raise ValueError(f"score: split {split.manifest.uri} has rows with the zero condition; each needs its own")
+        raise ValueError(f"score: corpus {split.manifest.uri}: asset {split.asset_id[int((conditions >= len(dist.components)).nonzero()[0][0])]} has the zero condition; each row of a multimodal corpus needs its own")
     return score(samples, conditions, dist)
-
