@@ -71,9 +71,8 @@ DT_ABLATION = (0.01, 0.05, 0.1)
 
 @dataclass
 class Budget:
-    # The default run: 20 sweep trials, 15 final runs, 6 ablation runs. With 60-step sweeps it
-    # took 76 min on the 2-core CPU; with full-length sweeps it is estimated from measured run
-    # times at 1.7-2 h and has not been timed yet (docs/benchmark.md).
+    # The default run: 20 sweep trials, 15 final runs, 6 ablation runs, one at a time; how long
+    # it takes on the 2-core CPU is measured in docs/benchmark.md.
     steps: int = 200  # optimizer steps per run, every method
     batch_size: int = 8
     seeds: int = 3
