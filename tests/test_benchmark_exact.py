@@ -367,3 +367,17 @@ def test_a_teacher_recipe_that_cannot_train_is_refused_naming_its_phase_and_sett
     assert out.returncode == 2, out.stdout + out.stderr
     assert "phase 1: own_per_step must be an integer >= 0 (0: data only), got -2" in out.stderr
     assert "Traceback" not in out.stderr and list(tmp_path.iterdir()) == []
+
+
+def test_score_split_names_the_asset_whose_row_has_the_zero_condition():
+    from types import SimpleNamespace
+
+    import torch
+
+    from mdt_ray.benchmark.score import score_split
+    from mdt_ray.data import synthetic as syn
+
+    split = SimpleNamespace(cond=torch.zeros(2, *syn.COND_SHAPE), asset_id=["mm-000", "mm-001"],
+                            manifest=SimpleNamespace(uri="data/mm-test"))
+    with pytest.raises(ValueError, match=r"corpus data/mm-test: asset mm-000 has the zero condition"):
+        score_split(None, split)

@@ -105,6 +105,8 @@ def score_split(samples: Any, split) -> dict[str, float]:
 
     dist = distribution()
     conditions = dist.exact_teacher().condition_index(split.cond).numpy()
-    if (conditions >= len(dist.components)).any():
-        raise ValueError(f"score: corpus {split.manifest.uri}: asset {split.asset_id[int((conditions >= len(dist.components)).nonzero()[0][0])]} has the zero condition; each row of a multimodal corpus needs its own")
+    unconditioned = np.flatnonzero(conditions >= len(dist.components))
+    if unconditioned.size:
+        raise ValueError(f"score: corpus {split.manifest.uri}: asset {split.asset_id[unconditioned[0]]} has the "
+                         "zero condition; each row of a multimodal corpus needs its own")
     return score(samples, conditions, dist)
