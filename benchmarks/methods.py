@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     r.add_argument("--root", default=str(ROOT))
     r.add_argument("--no-sweep", action="store_true", help="skip the Ray Tune sweeps; use the default settings")
     r.add_argument("--no-mlflow", action="store_true")
-    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds"):
+    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds", "jobs"):
         r.add_argument(f"--{name.replace('_', '-')}", type=_count, default=None, dest=name)
     args = p.parse_args(argv)
 
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         return 0
 
     budget = Budget.quick() if args.quick else Budget()
-    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds"):
+    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds", "jobs"):
         if getattr(args, name) is not None:
             setattr(budget, name, getattr(args, name))
     out = args.out or str(ROOT / ("runs/benchmark-quick" if args.quick else "runs/benchmark"))

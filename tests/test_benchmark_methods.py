@@ -48,3 +48,41 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     assert len(runs) == 1 and "mdt_precision_1step" in runs[0].data.metrics
     names = {a.path for a in client.list_artifacts(runs[0].info.run_id, "benchmark")}
     assert "benchmark/render_grid.png" in names
+
+
+def test_runs_in_a_process_pool_match_runs_in_this_process(tmp_path):
+    """budget.jobs changes the wall time only: two runs trained in spawned processes give the
+    curves, scores and weights that the same runs give one after the other in this process."""
+    import torch
+
+    from mdt_ray.benchmark import compare
+    from mdt_ray.cli import main
+
+    uris = {}
+    for split, n, seed in (("train", 32, 0), ("val", 8, 1), ("test", 16, 2)):
+        uris[split] = str(tmp_path / split)
+        assert main(["corpus", "build", "--kind", "multimodal", "--num-assets", str(n), "--seed", str(seed),
+                     "--out", uris[split], "--no-ray", "--workers", "1", "--quiet"]) == 0
+    teacher = str(ROOT / "mdt_ray/assets/teacher_ss_multimodal.json")
+    budget = compare.Budget(steps=3, batch_size=2, seeds=1, test_assets=16, val_assets=8)
+    tasks = [compare.RunTask("final", "vm", 1, compare.DEFAULTS["vm"]),
+             compare.RunTask("final", "mdt", 0, compare.DEFAULTS["mdt"], keep=True)]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bench = compare.load_bench(uris["train"], uris["val"], uris["test"], teacher, budget)
+        lines: list[str] = []
+        budget.jobs = 1
+        alone = compare.run_tasks(tasks, bench, uris, teacher, budget, lines.append)
+        budget.jobs = 2
+        pooled = compare.run_tasks(tasks, bench, uris, teacher, budget, lines.append)
+    finally:
+        torch.set_num_threads(threads)
+    assert [line for line in lines if "2 at a time" in line]
+    for a, b in zip(alone, pooled):
+        assert a["seed"] == b["seed"] and a["curve"] == b["curve"] and a["scores"] == b["scores"]
+    assert alone[0]["state"] is None and pooled[0]["state"] is None
+    assert alone[1]["state"].keys() == pooled[1]["state"].keys()
+    assert all(torch.equal(alone[1]["state"][k], pooled[1]["state"][k]) for k in alone[1]["state"])
+    # The runs trained: the student moved off the teacher.
+    assert any(not torch.equal(v, bench.teacher.state_dict()[k]) for k, v in pooled[1]["state"].items())

@@ -66,12 +66,14 @@ QUICK_SPACES: dict[str, dict[str, list[Any]]] = {"mdt": {"train.lr": [1e-4, 3e-4
 # earliest trial in grid order (Ray 2.60's ExperimentAnalysis.get_best_trial replaces only on a
 # strictly better one).
 SWEEP_METRIC, SWEEP_MODE, SWEEP_EVAL_STEPS = "eval_precision_2step", "max", [1, 2]
+# A trial's one worker: half a Ray CPU (mdt_ray/train/loop.py gives it one torch thread).
+TRIAL_WORKER_CPUS = 0.5
 DT_ABLATION = (0.01, 0.05, 0.1)
 
 
 @dataclass
 class Budget:
-    # The default run: 20 sweep trials, 15 final runs, 6 ablation runs, one at a time; how long
+    # The default run: 20 sweep trials, 15 final runs, 6 ablation runs, `jobs` at a time; how long
     # it takes on the 2-core CPU is measured in docs/benchmark.md.
     steps: int = 200  # optimizer steps per run, every method
     batch_size: int = 8
@@ -86,6 +88,10 @@ class Budget:
     ablation_seeds: int = 3
     spaces: dict[str, dict[str, list[Any]]] = field(default_factory=lambda: copy.deepcopy(SPACES))
     render_assets: int = 8
+    # Sweep trials and final runs at once. Each trains on one torch thread: one at a time left
+    # one of the 2-core machine's cores idle. Every run seeds its own draws and its thread count
+    # is fixed, so the numbers do not depend on `jobs` (tests/test_benchmark_methods.py).
+    jobs: int = 2
 
     @property
     def sweep_length(self) -> int:
@@ -253,6 +259,91 @@ def score_student(student, bench: Bench) -> dict[int, dict[str, float]]:
             for k in STUDENT_STEPS}
 
 
+@dataclass(frozen=True)
+class RunTask:
+    """One distillation of the comparison: a final run ("final", method) or an ablation run
+    ("ablation", "dt=0.01"); `keep`: also return the student's weights (for the render grid)."""
+    group: str
+    name: str
+    seed: int
+    settings: dict[str, Any]
+    keep: bool = False
+
+    @property
+    def cost(self) -> float:
+        # Relative run time (docs/benchmark.md: MDT-dist and sCM take about 2.4x VM's time per
+        # step): the longest go first, so the last runs of the pool end together.
+        return 2.4 if self.settings.get("distill.method") in ("mdt", "scm") else 1.0
+
+
+def run_task(bench: Bench, budget: Budget, task: RunTask) -> dict[str, Any]:
+    """Train and score one run: {"seed", "curve", "seconds", "scores", "state"}."""
+    student, curve, secs = distill_run(bench, task.settings, budget, task.seed, lambda _line: None)
+    scores = score_student(student, bench)
+    state = {k: v.detach().clone() for k, v in student.state_dict().items()} if task.keep else None
+    return {"seed": task.seed, "curve": curve, "seconds": secs,
+            "scores": {str(k): v for k, v in scores.items()}, "state": state}
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(uris: dict[str, str], teacher_path: str, budget: Budget, threads: int) -> None:
+    torch.set_num_threads(threads)
+    _WORKER["bench"] = load_bench(uris["train"], uris["val"], uris["test"], teacher_path, budget)
+    _WORKER["budget"] = budget
+
+
+def _worker_run(task: RunTask) -> dict[str, Any]:
+    return run_task(_WORKER["bench"], _WORKER["budget"], task)
+
+
+def run_tasks(tasks: list[RunTask], bench: Bench, uris: dict[str, str], teacher_path: str, budget: Budget,
+              log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Every task's outcome, in the order of `tasks`: in this process when budget.jobs is 1, else
+    in budget.jobs spawned processes (each loads the corpora and the teacher once, and trains on
+    this process's torch thread count). A process that dies ends the benchmark with an error."""
+    import concurrent.futures as cf
+    import multiprocessing
+
+    def report(i: int, outcome: dict[str, Any], done: int, t0: float) -> None:
+        task = tasks[i]
+        label = task.name if task.group == "final" else f"ablation mdt {task.name}"
+        log(f"[bench] {label} seed {task.seed} ({outcome['seconds']:.0f} s; {done}/{len(tasks)} runs in "
+            f"{(time.perf_counter() - t0) / 60:.1f} min): "
+            + " | ".join(f"{k} step {_fmt_metrics(v)}" for k, v in outcome["scores"].items()))
+
+    order = sorted(range(len(tasks)), key=lambda i: -tasks[i].cost)
+    outcomes: list[Optional[dict[str, Any]]] = [None] * len(tasks)
+    t0 = time.perf_counter()
+    log(f"[bench] {len(tasks)} final and ablation runs, {budget.jobs} at a time")
+    if budget.jobs <= 1 or len(tasks) <= 1:
+        for done, i in enumerate(order, 1):
+            outcomes[i] = run_task(bench, budget, tasks[i])
+            report(i, outcomes[i], done, t0)
+        return outcomes
+    # Spawned, not forked: the parent has a Ray driver and torch's thread pools by now.
+    context = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(budget.jobs, mp_context=context, initializer=_worker_init,
+                                initargs=(uris, teacher_path, budget, torch.get_num_threads())) as pool:
+        futures = {pool.submit(_worker_run, tasks[i]): i for i in order}
+        try:
+            for done, future in enumerate(cf.as_completed(futures), 1):
+                i = futures[future]
+                try:
+                    outcomes[i] = future.result()
+                except cf.process.BrokenProcessPool as e:
+                    task = tasks[i]
+                    raise RuntimeError(f"[bench] a run process died (killed, or out of memory) during "
+                                       f"{task.group} {task.name} seed {task.seed} or a run beside it") from e
+                report(i, outcomes[i], done, t0)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+    return outcomes
+
+
 # ---------------------------------------------------------------------------------------------
 # Sweeps (Ray Tune, the project's sweep format)
 
@@ -269,7 +360,7 @@ def write_base_config(path: Path, bench_uris: dict[str, str], teacher_path: str,
                   "checkpoint_every": budget.sweep_length, "eval_every": max(1, budget.sweep_length // 2),
                   "eval_assets": budget.val_assets, "eval_steps": SWEEP_EVAL_STEPS},
         "data": {"uri": str(Path(bench_uris["train"]).resolve()), "eval_uri": str(Path(bench_uris["val"]).resolve())},
-        "scale": {"num_workers": 1, "cpus_per_worker": 0.5},
+        "scale": {"num_workers": 1, "cpus_per_worker": TRIAL_WORKER_CPUS},
         "tracking": {"experiment": "mdt-ray-benchmark"},
         "run": {"name": "bench", "storage_path": str(path.parent.resolve() / "runs")},
     }
@@ -287,17 +378,54 @@ def write_sweep_file(path: Path, base: Path, method: str, budget: Budget) -> Pat
         "overrides": overrides,
         "sweep": {"name": f"bench-{method}", "storage_path": str(path.parent.resolve() / "tune"),
                   "metric": SWEEP_METRIC, "mode": SWEEP_MODE, "search": "grid", "num_samples": 1,
-                  "max_concurrent_trials": 1, "scheduler": {"type": "none"},
+                  "max_concurrent_trials": max(1, budget.jobs), "scheduler": {"type": "none"},
                   "space": {k: {"grid": v} for k, v in budget.spaces[method].items()}},
     }
     path.write_text(yaml.safe_dump(tree, sort_keys=False))
     return path
 
 
+def start_local_ray(budget: Budget) -> bool:
+    """Start the local Ray cluster the sweeps run on, with room for `budget.jobs` trials at once;
+    False (nothing started) when Ray is already up or RAY_ADDRESS names a cluster, whose size
+    mdt_ray.tune checks against the trials as for any sweep.
+
+    Ray's CPUs are reservations, not cores. Each trial reserves its worker's CPUs, a sliver for
+    its driver and a whole CPU for its Ray Data read tasks (Ray 2.60: with less, the read waits
+    forever; mdt_ray/train/resources.py), but computes on its worker's one thread alone. So
+    two trials need 3.02 CPUs of Ray's and two cores of the machine's: the cluster gets the
+    larger of the machine's cores and what the trials reserve."""
+    import os
+
+    import ray
+
+    from mdt_ray.train.resources import READ_TASK_CPUS, TRIAL_DRIVER_CPUS
+    from mdt_ray.train.trainer import ensure_ray
+
+    if ray.is_initialized() or os.environ.get("RAY_ADDRESS"):
+        return False
+    per_trial = TRIAL_WORKER_CPUS + TRIAL_DRIVER_CPUS + READ_TASK_CPUS
+    ensure_ray(num_cpus=max(os.cpu_count() or 1, math.ceil(max(1, budget.jobs) * per_trial)))
+    return True
+
+
 def run_sweeps(bench_uris: dict[str, str], teacher_path: str, budget: Budget, out: Path,
                log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
-    """Each method's grid through mdt_ray.tune; returns the selected settings per method (the
-    defaults for a method without a space), and writes `<out>/selected.json`."""
+    """Each method's grid through mdt_ray.tune, `budget.jobs` trials at a time; returns the
+    selected settings per method (the defaults for a method without a space), and writes
+    `<out>/selected.json`."""
+    import ray
+
+    started = start_local_ray(budget)
+    try:
+        return _sweep_all(bench_uris, teacher_path, budget, out, log)
+    finally:
+        if started:  # the final runs need none of it: its processes and memory go back
+            ray.shutdown()
+
+
+def _sweep_all(bench_uris: dict[str, str], teacher_path: str, budget: Budget, out: Path,
+               log: Callable[[str], None]) -> dict[str, dict[str, Any]]:
     from mdt_ray.tune import load_sweep, run_sweep
 
     base = write_base_config(out / "sweeps" / "base.yaml", bench_uris, teacher_path, budget)
@@ -340,37 +468,36 @@ def run_benchmark(uris: dict[str, str], teacher_path: str, out: str | Path, budg
     results: dict[str, Any] = {"budget": asdict(budget), "selected": selected, "uris": uris, "teacher": teacher_path}
     results["teachers"] = {label: {str(k): v for k, v in rows.items()} for label, rows in teacher_rows(bench, log).items()}
 
-    runs: dict[str, list[dict[str, Any]]] = {}
-    students: dict[str, torch.nn.Module] = {}
-    for method in METHODS:
-        runs[method] = []
-        for seed in range(budget.seeds):
-            student, curve, secs = distill_run(bench, selected[method], budget, seed, log)
-            scores = score_student(student, bench)
-            runs[method].append({"seed": seed, "curve": curve, "seconds": secs,
-                                 "scores": {str(k): v for k, v in scores.items()}})
-            if seed == 0:
-                students[method] = student
-            log(f"[bench] {method} seed {seed} ({secs:.0f} s): "
-                + " | ".join(f"{k} step {_fmt_metrics(v)}" for k, v in scores.items()))
-    results["runs"] = runs
-    results["summary"] = summarise(runs)
-
-    ablation: dict[str, list[dict[str, Any]]] = {}
+    # Every final and ablation run is independent of the others: all go to `budget.jobs`
+    # processes at once. An ablation run with the selected Δt is the final run of its seed.
+    tasks = [RunTask("final", method, seed, selected[method], keep=seed == 0)
+             for method in METHODS for seed in range(budget.seeds)]
+    reused = []
     for dt in DT_ABLATION:
         key = f"dt={dt:g}"
         settings = {**selected["mdt"], "distill.dt": dt}
         if settings == selected["mdt"] and budget.ablation_seeds <= budget.seeds:
-            # The selected Δt: these runs are the final ones (same settings, seeds and data order).
-            ablation[key] = [dict(r) for r in runs["mdt"][:budget.ablation_seeds]]
-            log(f"[bench] ablation mdt {key}: the final runs")
-            continue
-        ablation[key] = []
-        for seed in range(budget.ablation_seeds):
-            student, curve, secs = distill_run(bench, settings, budget, seed, log)
-            ablation[key].append({"seed": seed, "curve": curve, "seconds": secs,
-                                  "scores": {str(k): v for k, v in score_student(student, bench).items()}})
-        log(f"[bench] ablation mdt {key} done")
+            reused.append(key)
+        else:
+            tasks += [RunTask("ablation", key, seed, settings) for seed in range(budget.ablation_seeds)]
+    outcomes = run_tasks(tasks, bench, uris, teacher_path, budget, log)
+
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in METHODS}
+    ablation: dict[str, list[dict[str, Any]]] = {f"dt={dt:g}": [] for dt in DT_ABLATION}
+    students: dict[str, torch.nn.Module] = {}
+    for task, outcome in zip(tasks, outcomes):
+        state = outcome.pop("state")
+        (runs if task.group == "final" else ablation)[task.name].append(outcome)
+        if state is not None:
+            from mdt_ray.models.teachers import student_from
+
+            students[task.name] = student_from(bench.teacher).eval()
+            students[task.name].load_state_dict(state)
+    for key in reused:
+        ablation[key] = [dict(r) for r in runs["mdt"][:budget.ablation_seeds]]
+        log(f"[bench] ablation mdt {key}: the final runs")
+    results["runs"] = runs
+    results["summary"] = summarise(runs)
     results["dt_ablation"] = {"runs": ablation, "summary": summarise(ablation)}
     results["seconds"] = time.perf_counter() - t_start
 
