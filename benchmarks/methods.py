@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parent.parent
 CORPORA = {"train": ("data/multimodal-train", 0, 4096), "val": ("data/multimodal-val", 1, 1024),
            "test": ("data/multimodal-test", 2, 1024)}
 TEACHER = "mdt_ray/assets/teacher_ss_multimodal.json"
+# The Budget fields `run` takes as flags (--steps, --batch-size, ...).
+BUDGET_FLAGS = ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds", "jobs")
 
 
 def build_corpora(root: Path, *, overwrite: bool = False) -> dict[str, str]:
@@ -164,7 +166,7 @@ def main(argv=None) -> int:
     r.add_argument("--root", default=str(ROOT))
     r.add_argument("--no-sweep", action="store_true", help="skip the Ray Tune sweeps; use the default settings")
     r.add_argument("--no-mlflow", action="store_true")
-    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds", "jobs"):
+    for name in BUDGET_FLAGS:
         r.add_argument(f"--{name.replace('_', '-')}", type=_count, default=None, dest=name)
     args = p.parse_args(argv)
 
@@ -205,7 +207,7 @@ def main(argv=None) -> int:
         return 0
 
     budget = Budget.quick() if args.quick else Budget()
-    for name in ("steps", "batch_size", "seeds", "test_assets", "val_assets", "sweep_steps", "ablation_seeds", "jobs"):
+    for name in BUDGET_FLAGS:
         if getattr(args, name) is not None:
             setattr(budget, name, getattr(args, name))
     out = args.out or str(ROOT / ("runs/benchmark-quick" if args.quick else "runs/benchmark"))
