@@ -27,6 +27,12 @@ def test_quick_benchmark_runs_end_to_end(tmp_path):
     for seeds in results["runs"].values():
         assert len(seeds) == 3 and all(set(s["scores"]) == {"1", "2", "4"} for s in seeds)
     assert set(results["teachers"]) == {"exact teacher", "learned teacher"}
+    # What two runs of the command must share to agree: the software, the machine, the shard layout.
+    machine = results["provenance"]
+    assert machine["torch_threads"] >= 1 and machine["torch"] and machine["ray"] and machine["cpu"]
+    train_shards = sorted(p.name for p in (tmp_path / "data/multimodal-train").glob("*.parquet"))
+    assert [s[0] for s in machine["corpora"]["train"]["shards"]] == train_shards
+    assert machine["corpora"]["train"]["rows"] == sum(s[1] for s in machine["corpora"]["train"]["shards"]) == 4096
     exact = results["teachers"]["exact teacher"]
     assert exact["25"]["precision"] == 1.0 and exact["1"]["precision"] == 0.0
     # The MDT-dist sweep ran through Ray Tune and chose one of its grid's learning rates.

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -153,6 +154,30 @@ def load_bench(train_uri: str, val_uri: str, test_uri: str, teacher_path: str, b
     teacher = load_trellis(teacher_path).float().eval().requires_grad_(False)
     return Bench(train, val, test, exact.condition_index(test.cond).numpy(), exact.condition_index(val.cond).numpy(),
                  teacher, teacher_path)
+
+
+def provenance(bench: Bench) -> dict[str, Any]:
+    """What a run's numbers depend on beyond its budget and settings: the software, the machine,
+    and each corpus's shard layout. The sweep trials stream the training corpus through Ray Data
+    in shard order, so two runs over the same assets split into different shards train different
+    trials; float results can also differ in the last digits between CPUs. Both are what to compare
+    first when two runs of one command disagree (docs/benchmark.md, "Run to run")."""
+    import platform
+
+    import ray
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    corpora = {name: {"uri": split.manifest.uri, "rows": split.manifest.num_rows,
+                      "shards": [[s.path, s.num_rows, s.num_bytes] for s in split.manifest.shards]}
+               for name, split in (("train", bench.train), ("val", bench.val), ("test", bench.test))}
+    return {"python": platform.python_version(), "torch": torch.__version__, "ray": ray.__version__,
+            "cpu": cpu, "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "corpora": corpora}
 
 
 def generate(model, split, steps: int, *, sampler: Optional[dict] = None, seed: int = 0, batch: int = 64) -> np.ndarray:
@@ -395,8 +420,6 @@ def start_local_ray(budget: Budget) -> bool:
     forever; mdt_ray/train/resources.py), but computes on its worker's one thread alone. So
     two trials need 3.02 CPUs of Ray's and two cores of the machine's: the cluster gets the
     larger of the machine's cores and what the trials reserve."""
-    import os
-
     import ray
 
     from mdt_ray.train.resources import READ_TASK_CPUS, TRIAL_DRIVER_CPUS
@@ -461,11 +484,16 @@ def run_benchmark(uris: dict[str, str], teacher_path: str, out: str | Path, budg
     bench = load_bench(uris["train"], uris["val"], uris["test"], teacher_path, budget)
     log(f"[bench] {len(bench.train)} train / {len(bench.val)} val / {len(bench.test)} test assets; teacher "
         f"{teacher_path}; budget {asdict(budget)}")
+    machine = provenance(bench)
+    log(f"[bench] {machine['cpu']} ({machine['cpu_capability']}, {machine['torch_threads']} torch thread(s)), torch "
+        f"{machine['torch']}, ray {machine['ray']}; shards: "
+        + ", ".join(f"{k} {len(v['shards'])}" for k, v in machine["corpora"].items()))
     if sweep:
         selected = run_sweeps(uris, teacher_path, budget, out, log)
     else:
         selected = {m: dict(DEFAULTS[m]) for m in METHODS}
-    results: dict[str, Any] = {"budget": asdict(budget), "selected": selected, "uris": uris, "teacher": teacher_path}
+    results: dict[str, Any] = {"budget": asdict(budget), "selected": selected, "uris": uris, "teacher": teacher_path,
+                               "provenance": machine}
     results["teachers"] = {label: {str(k): v for k, v in rows.items()} for label, rows in teacher_rows(bench, log).items()}
 
     # Every final and ablation run is independent of the others: all go to `budget.jobs`
