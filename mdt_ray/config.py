@@ -77,7 +77,7 @@ class ModelConfig(_Block):
 
 
 class DistillConfig(_Block):
-    method: Literal["mdt", "vm", "cm", "pcm", "scm", "fm"] = "mdt"
+    method: Literal["mdt", "vm", "cm", "pcm", "scm", "fm", "traj"] = "mdt"
     lambda_vm: float = Field(1.0, ge=0)
     lambda_vd: float = Field(1.0, ge=0)
     dt: float = Field(0.01, gt=0, le=0.5)
@@ -91,6 +91,9 @@ class DistillConfig(_Block):
     sigma_min: float = Field(1e-5, ge=0, lt=0.1)
     phases: int = Field(1, ge=1, le=64)  # PCM phase count; 1 reduces PCM to plain CM targets
     p_uncond: float = Field(0.0, ge=0, le=1)  # cond dropout (plain flow matching / pretraining)
+    # `traj` (trajectory distillation, the benchmark's ceiling): the teacher ODE it regresses onto.
+    traj_steps: int = Field(25, ge=1)
+    traj_rescale_t: float = Field(3.0, gt=0)
 
     _cfg_vm = field_validator("cfg_vm")(classmethod(lambda cls, v: _check_cfg(v)))
     _cfg_vd = field_validator("cfg_vd")(classmethod(lambda cls, v: _check_cfg(v)))
@@ -104,6 +107,12 @@ class TrainConfig(_Block):
     weight_decay: float = Field(0.0, ge=0)
     betas: tuple[float, float] = (0.9, 0.999)
     ema: float = Field(0.999, ge=0, lt=1)
+    # Cap the decay of update n at (1 + n)/(10 + n) (TensorFlow's and timm's EMA warm-up), so a
+    # short run's average is not mostly its initial weights (mdt_ray/engine.py, EMA.decay_at).
+    ema_warmup: bool = True
+    # Log what the loss sees each step: residual and velocity sizes and, at one extra backward
+    # pass per loss term, each term's own gradient norm (diag_* metrics, docs/benchmark.md).
+    diagnostics: bool = False
     grad_clip: Optional[float] = Field(1.0, gt=0)  # max global norm; null disables clipping
     # TRELLIS's adaptive clip: after `grad_clip_window` steps clip to min(percentile, grad_clip).
     grad_clip_percentile: Optional[float] = Field(None, gt=0, le=100)

@@ -79,16 +79,39 @@ class EMA:
     swa_utils' multi-tensor EMA function: that one needs every fp16/bf16 parameter cast to fp32
     at once, and measured slower on CPU (benchmarks/ema.py; figures in docs/performance.md)."""
 
-    def __init__(self, model: torch.nn.Module, decay: float):
+    def __init__(self, model: torch.nn.Module, decay: float, *, warmup: bool = True):
         if not 0 < decay < 1:
             raise ValueError(f"EMA decay must be in (0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup = decay, warmup
+        self.updates = 0  # the step count: a resumed run sets it from its checkpoint's step
         self.shadow = {name: p.detach().clone().float() for name, p in _unwrap(model).named_parameters()}
+
+    def decay_at(self, n: int) -> float:
+        """The decay of update n (0-based). With warm-up it is capped at (1 + n)/(10 + n), as in
+        TensorFlow's ExponentialMovingAverage(num_updates) and timm's ModelEmaV2 warm-up: without
+        it a 200-step run at 0.999 would export weights 0.999^200 = 82 % the initial (teacher's)."""
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    def initial_weight(self, n: Optional[int] = None) -> float:
+        """Share of the initial weights still in the average after n updates (default: so far)."""
+        n = self.updates if n is None else n
+        share = 1.0
+        for i in range(n):
+            share *= self.decay_at(i)
+        return share
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
+        decay = self.decay_at(self.updates)
         for name, p in _unwrap(model).named_parameters():
-            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1 - self.decay)
+            self.shadow[name].lerp_(p.detach().to(self.shadow[name].dtype), 1 - decay)
+        self.updates += 1
+
+    def describe(self) -> str:
+        """Which weights an evaluation of the average scores, for its report."""
+        warm = ", warm-up (1+n)/(10+n)" if self.warmup else ""
+        return (f"EMA weights (decay {self.decay:g}{warm}; {self.updates} updates, "
+                f"{self.initial_weight():.1%} of the initial weights left)")
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -160,7 +183,7 @@ class Engine:
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=train.lr, betas=tuple(train.betas),
                                            weight_decay=train.weight_decay)
         self.clipper = GradClipper(train.grad_clip, train.grad_clip_percentile, train.grad_clip_window)
-        self.ema = EMA(student, train.ema) if keep_ema and train.ema > 0 else None
+        self.ema = EMA(student, train.ema, warmup=train.ema_warmup) if keep_ema and train.ema > 0 else None
         self.param_names = {i: n for i, (n, _) in enumerate(student.named_parameters())}
 
     @property
@@ -184,15 +207,31 @@ class Engine:
             with self._sync_context(m == n - 1), autocast_for(self.train.mixed_precision, self.device):
                 draws = draw_inputs(x0, self.distill, gen)
                 out = compute_loss(self.distill, self.forward_model, self.teacher, x0, cond, draws, gen)
+                if getattr(self.train, "diagnostics", False):
+                    out.update(self._term_grad_norms(out.get("loss_terms", {})))
                 (out["loss"] / n).backward()
             for k, v in out.items():
-                if k.startswith("loss"):
+                if k.startswith(("loss", "diag_")) and k != "loss_terms":
                     terms[k] = terms.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / n
             if "t_bin_sum" in out:
                 bins[0] += out["t_bin_sum"]
                 bins[1] += out["t_bin_count"]
             t_lo, t_hi = min(t_lo, float(draws["t"].min())), max(t_hi, float(draws["t"].max()))
         return StepTerms(terms, bins, (t_lo, t_hi))
+
+    def _term_grad_norms(self, loss_terms: dict[str, torch.Tensor]) -> dict[str, float]:
+        """`train.diagnostics`: the gradient norm of each weighted loss term on its own (one extra
+        backward pass per term, graphs kept for the real backward that follows). torch.autograd.grad
+        fills no .grad and fires no DDP reducer hook, so the update is the same with or without it."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        norms = {}
+        for name, term in loss_terms.items():
+            if not term.requires_grad:
+                continue
+            grads = torch.autograd.grad(term, params, retain_graph=True, allow_unused=True)
+            sq = sum(float(g.detach().float().pow(2).sum()) for g in grads if g is not None)
+            norms[f"diag_grad_{name}"] = sq ** 0.5
+        return norms
 
     def apply(self, step: int) -> float:
         """Clip, step AdamW (at `lr_at(step)` when scheduled), update the EMA; returns the

@@ -280,14 +280,35 @@ def mdt_loss(
         loss_vm = _mse(v_pred, targets[0])
         out.update(_time_bins(per_sample_mean(resid.detach() * resid.detach()), t))
         out["d_magnitude"] = per_sample_norm(ds[0]).mean() / max(1, _numel_per_sample(x0)) ** 0.5
+        out.update(_diagnostics("vm", resid.detach(), v_teachers[0], ds[0], t, d_norm))
     if use_vd:
         r = currents[-1] - targets[-1]
         loss_vd = _mse(r + v_fake, v_fake.detach())
+        out.update(_diagnostics("vd", r, v_teachers[-1], ds[-1], t, d_norm))
     out["loss_vm"] = loss_vm.detach()
     out["loss_vd"] = loss_vd.detach()
     out["loss"] = lambda_vm * loss_vm + lambda_vd * loss_vd
+    # The weighted terms with their graphs, for the per-term gradient norms of
+    # `train.diagnostics` (mdt_ray/engine.py); the optimizer only ever sees `loss`.
+    out["loss_terms"] = {name: w * term for name, w, term, used in
+                         (("vm", lambda_vm, loss_vm, use_vm), ("vd", lambda_vd, loss_vd, use_vd)) if used}
     out["batch"] = n
     return out
+
+
+def _rms(x: Batch) -> torch.Tensor:
+    feats = _f32(x if isinstance(x, torch.Tensor) else x.feats)
+    return feats.detach().pow(2).mean().sqrt()
+
+
+def _diagnostics(term: str, resid: Batch, v_teacher: Batch, d: Batch, t: torch.Tensor, d_norm: bool) -> dict[str, torch.Tensor]:
+    """Per-element RMS sizes of what a VM-style term sees: its residual, the teacher velocity,
+    the raw derivative D and the correction t·D (normalised when `d_norm`) it subtracts from the
+    teacher velocity. With d_norm, ‖t·D̂‖ < 1 per sample, so its per-element RMS is below
+    1/√(elements): the measure of how little the derivative can move the target."""
+    correction = expand_t(t, d) * (_normalize(d) if d_norm else d)
+    return {f"diag_resid_{term}": _rms(resid), f"diag_v_teacher_{term}": _rms(v_teacher),
+            f"diag_d_{term}": _rms(d), f"diag_correction_{term}": _rms(correction)}
 
 
 def _numel_per_sample(x: Batch) -> int:
@@ -376,6 +397,37 @@ def scm_loss(
     return out
 
 
+def traj_loss(
+    student: torch.nn.Module, teacher: torch.nn.Module, x0: Batch, cond: torch.Tensor, neg_cond: torch.Tensor,
+    *, noise: Batch, t: torch.Tensor,
+    teacher_steps: int = 25,
+    rescale_t: float = 3.0,
+    cfg_scale: float | Sequence[float] = 0.0,
+    sigma_min: float = 1e-5,
+    generator: Optional[torch.Generator] = None,
+) -> dict[str, Any]:
+    """Trajectory distillation (Luhman & Luhman 2021), the benchmark's ceiling: regress the
+    student onto the endpoint of the teacher's own `teacher_steps`-step Euler ODE from the same
+    noise. x_end = ODE_T(noise, cond); the student learns the straight path from noise to x_end
+    (flow matching on the (noise, x_end) coupling, as in rectified-flow reflow), so that one Euler
+    step from t = 1 lands on x_end and every Euler grid from noise keeps landing there. `x0`
+    supplies only the batch's shape: the targets come from the teacher."""
+    from mdt_ray.flow import sample
+
+    del x0
+    w = _pick(cfg_scale, generator)
+    with torch.no_grad():
+        x_end = _f32(sample(_net(teacher), noise, cond, neg_cond, steps=teacher_steps, cfg_strength=w,
+                            rescale_t=rescale_t))
+    x_t = diffuse(x_end, noise, t, sigma_min)
+    v_pred = _f32(student(x_t, 1000 * t, cond))
+    target = velocity(x_end, noise, sigma_min)
+    loss = _mse(v_pred, target)
+    out = {"loss": loss, "loss_traj": loss.detach(), "cfg_vm": w, "batch": batch_size(noise)}
+    out.update(_time_bins(per_sample_mean((v_pred - target).detach() ** 2), t))
+    return out
+
+
 def fm_loss(
     model: torch.nn.Module,
     x0: Batch,
@@ -415,6 +467,10 @@ def draw_inputs(x0: Batch, distill, generator: Optional[torch.Generator] = None)
         dt=distill.dt if steps_back else 0.0, sigma_min=distill.sigma_min, generator=generator,
         device=device,
     )
+    if method == "traj":
+        # Half of every batch at t = 1, the only time the 1-step sampler asks the student about;
+        # the rest on the schedule, for the few-step grids.
+        t[::2] = 1.0
     draws = {"noise": randn_like(x0, generator), "t": t}
     if method == "mdt":
         draws["fake_noise"] = randn_like(x0, generator)
@@ -446,6 +502,12 @@ def _scm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
                     cfg_scale=distill.cfg_vm, generator=generator, sigma_min=distill.sigma_min)
 
 
+def _traj(distill, student, teacher, x0, cond, neg_cond, draws, generator):
+    return traj_loss(student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"],
+                     teacher_steps=distill.traj_steps, rescale_t=distill.traj_rescale_t, cfg_scale=distill.cfg_vm,
+                     sigma_min=distill.sigma_min, generator=generator)
+
+
 def _fm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
     return fm_loss(student, x0, cond, noise=draws["noise"], t=draws["t"], drop=draws.get("drop"),
                    sigma_min=distill.sigma_min)
@@ -455,6 +517,7 @@ def _fm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
 # function above plus one entry here (and its name in DistillConfig.method).
 METHODS: dict[str, Callable[..., dict[str, Any]]] = {
     "mdt": _mdt_or_vm, "vm": _mdt_or_vm, "cm": _cm_or_pcm, "pcm": _cm_or_pcm, "scm": _scm, "fm": _fm,
+    "traj": _traj,
 }
 
 

@@ -72,7 +72,7 @@ def test_percentile_clip_never_exceeds_max_norm_and_skips_non_finite_norms():
 
 def test_ema_follows_the_lerp_rule_and_round_trips():
     model = torch.nn.Linear(3, 2)
-    ema = EMA(model, 0.9)
+    ema = EMA(model, 0.9, warmup=False)
     before = {k: v.clone() for k, v in ema.state_dict().items()}
     with torch.no_grad():
         for p in model.parameters():
@@ -93,6 +93,34 @@ def test_ema_follows_the_lerp_rule_and_round_trips():
     assert averaged(model, None) is model
     with pytest.raises(ValueError, match="decay"):
         EMA(model, 1.0)
+
+
+def test_ema_warm_up_caps_the_decay_so_a_short_run_is_mostly_its_trained_weights():
+    model = torch.nn.Linear(3, 2)
+    start = {k: v.clone() for k, v in EMA(model, 0.999).state_dict().items()}
+    ema = EMA(model, 0.999)
+    assert ema.warmup
+    # Update n uses min(decay, (1 + n)/(10 + n)): 0.1, 2/11, ... and the decay itself once
+    # (1 + n)/(10 + n) passes it (n >= 8991 for 0.999).
+    assert ema.decay_at(0) == pytest.approx(0.1) and ema.decay_at(1) == pytest.approx(2 / 11)
+    assert ema.decay_at(10_000) == 0.999
+    target = {k: v + 1.0 for k, v in start.items()}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(target[name])
+    share = 1.0
+    for n in range(200):
+        ema.update(model)
+        share *= ema.decay_at(n)
+    for name in start:
+        # The average is share·start + (1 − share)·target: the initial weights keep `share`.
+        expected = share * start[name] + (1 - share) * target[name]
+        assert torch.allclose(ema.state_dict()[name], expected, atol=1e-5)
+    assert ema.initial_weight() == pytest.approx(share)
+    # The trap the warm-up removes: at 0.999 without it, 200 updates keep 82 % of the start.
+    assert EMA(model, 0.999, warmup=False).initial_weight(200) == pytest.approx(0.999 ** 200)
+    assert share < 0.06 < 0.8 < 0.999 ** 200
+    assert "warm-up" in ema.describe() and "200 updates" in ema.describe()
 
 
 def test_dense_micro_batches_split_rows_in_order():
@@ -174,6 +202,29 @@ def test_engine_step_updates_student_and_ema_and_is_deterministic():
         runs.append((terms.terms, terms2.terms, engine.student.state_dict()))
     assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
     assert all(torch.equal(v, runs[1][2][k]) for k, v in runs[0][2].items())
+
+
+def test_diagnostics_measure_each_terms_gradient_and_leave_the_update_unchanged():
+    plain, diag = _engine(), _engine(diagnostics=True)
+    a = plain.forward_backward(_batch(), 0)
+    b = diag.forward_backward(_batch(), 0)
+    assert a.terms == {k: v for k, v in b.terms.items() if k in a.terms}
+    assert {"diag_grad_vm", "diag_grad_vd", "diag_resid_vm", "diag_resid_vd"} <= set(b.terms)
+    # The terms' gradients computed on their own, by hand.
+    params = [p for p in diag.student.parameters() if p.requires_grad]
+    for p, q in zip(plain.student.parameters(), params):
+        assert torch.equal(p.grad, q.grad)
+    from mdt_ray.engine import step_seed
+    from mdt_ray.objectives import compute_loss, draw_inputs
+
+    x0, cond = _batch()["x0"], _batch()["cond"]
+    gen = torch.Generator().manual_seed(step_seed(0, 0, 0, 0))
+    out = compute_loss(diag.distill, diag.student, diag.teacher, x0, cond, draw_inputs(x0, diag.distill, gen), gen)
+    for name in ("vm", "vd"):
+        grads = torch.autograd.grad(out["loss_terms"][name], params, retain_graph=True, allow_unused=True)
+        norm = sum(float(g.pow(2).sum()) for g in grads if g is not None) ** 0.5
+        assert b.terms[f"diag_grad_{name}"] == pytest.approx(norm, rel=1e-4)
+    assert plain.apply(0) == pytest.approx(diag.apply(0), rel=1e-6)
 
 
 def test_accumulated_micro_batches_average_to_the_whole_batch_loss():

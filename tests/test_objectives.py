@@ -191,7 +191,50 @@ def test_fm_loss_with_cond_dropout():
     torch.testing.assert_close(out["loss"], ref)
 
 
-@pytest.mark.parametrize("method", ["mdt", "vm", "cm", "pcm", "scm", "fm"])
+def test_traj_loss_regresses_the_straight_path_to_the_teacher_ode_endpoint():
+    teacher, student, x0, noise, _, cond, t = _setup()
+    neg = torch.zeros_like(cond)
+    out = obj.traj_loss(student, teacher, x0, cond, neg, noise=noise, t=t, teacher_steps=4, rescale_t=1.0,
+                        cfg_scale=2.0)
+    # The endpoint by hand: four guided Euler steps of the teacher from the noise, t 1 → 0.
+    x = noise.clone()
+    for k in range(4):
+        tk, tn = 1 - k / 4, 1 - (k + 1) / 4
+        tt = torch.full((3,), 1000 * tk, dtype=torch.float64)
+        v = 3.0 * teacher(x, tt, cond) - 2.0 * teacher(x, tt, neg)
+        x = x - (tk - tn) * v
+    tb = t.reshape(-1, 1, 1, 1, 1)
+    xt = (1 - tb) * x + (SIG + (1 - SIG) * tb) * noise
+    ref = ((student(xt, 1000 * t, cond) - ((1 - SIG) * noise - x)) ** 2).mean()
+    torch.testing.assert_close(out["loss"], ref)
+    # x0 only gives the shape: another batch of data gives the same loss.
+    again = obj.traj_loss(student, teacher, x0 * 7, cond, neg, noise=noise, t=t, teacher_steps=4, rescale_t=1.0,
+                          cfg_scale=2.0)
+    torch.testing.assert_close(again["loss"], out["loss"])
+    # Half of a traj batch sits at t = 1, where the 1-step sampler asks the student.
+    draws = obj.draw_inputs(torch.zeros(6, 2, 3, 3, 3), DistillConfig(method="traj"), torch.Generator().manual_seed(0))
+    assert draws["t"][::2].eq(1.0).all() and draws["t"][1::2].lt(1.0).all()
+
+
+def test_mdt_loss_reports_residual_sizes_and_the_d_norm_bound():
+    teacher, student, x0, noise, fake, cond, t = _setup()
+    neg = torch.zeros_like(cond)
+    kw = dict(noise=noise, t=t, fake_noise=fake, dt=0.05, cfg_vm=0.0, cfg_vd=0.0)
+    on = obj.mdt_loss(student, teacher, x0, cond, neg, d_norm=True, **kw)
+    off = obj.mdt_loss(student, teacher, x0, cond, neg, d_norm=False, **kw)
+    v_pred, target = obj.vm_target(student, teacher, x0, noise, t, cond, neg, dt=0.05, cfg_scale=0.0, d_norm=True,
+                                   sigma_min=SIG)
+    torch.testing.assert_close(on["diag_resid_vm"], (v_pred - target).pow(2).mean().sqrt())
+    # With d_norm each sample's correction t·D̂ has norm t·‖D‖/(‖D‖ + 0.1) < t, so its RMS per
+    # element is below 1/√(elements per sample); without it the correction is t·D itself.
+    per_sample = x0[0].numel()
+    assert float(on["diag_correction_vm"]) < 1 / per_sample ** 0.5
+    torch.testing.assert_close(on["diag_d_vm"], off["diag_d_vm"])
+    assert set(on["loss_terms"]) == {"vm", "vd"}
+    torch.testing.assert_close(on["loss_terms"]["vm"] + on["loss_terms"]["vd"], on["loss"])
+
+
+@pytest.mark.parametrize("method", ["mdt", "vm", "cm", "pcm", "scm", "fm", "traj"])
 def test_every_method_runs_from_config_and_backpropagates(method):
     teacher, student, x0, _, _, cond, _ = _setup()
     distill = DistillConfig(method=method, cfg_vm=1.0, cfg_vd=2.0, phases=2, p_uncond=0.2)

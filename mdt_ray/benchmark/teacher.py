@@ -195,7 +195,7 @@ def _train_config(r: TeacherRecipe):
     from mdt_ray.config import TrainConfig
 
     return TrainConfig(steps=r.steps, batch_size=r.batch_size, lr=r.lr, weight_decay=r.weight_decay, betas=(0.9, 0.99),
-                       ema=r.ema, grad_clip=r.grad_clip, seed=r.seed, mixed_precision="fp32")
+                       ema=r.ema, ema_warmup=False, grad_clip=r.grad_clip, seed=r.seed, mixed_precision="fp32")
 
 
 def pretrain_teacher(train_uri: str, out_dir: str | Path, *, name: str = TEACHER_NAME,

@@ -248,6 +248,7 @@ def _load_state(w: Worker, engine: Engine, found: Restored) -> None:
         engine.load_optimizer(state["optimizer"], meta["param_groups"])
         if engine.ema is not None and "ema" in state:
             engine.ema.load_state_dict(state["ema"])
+            engine.ema.updates = int(meta["step"])  # the warm-up continues where it stopped
     except (RuntimeError, KeyError, ValueError) as e:
         detail = " ".join(str(e).split())
         raise CheckpointMismatchError(
@@ -424,7 +425,8 @@ def _report(w: Worker, engine: Engine, teacher: torch.nn.Module, window: "_Windo
             deferred = _save(w, engine, teacher, position, metrics, done, ckpt_dir,
                              defer=tc.async_upload and not is_last)
         if w.rank == 0:
-            _say(_progress_line(done, tc.steps, metrics, window.eta(tc.steps - done), evaluate))
+            weights = (engine.ema.describe() if engine.ema is not None else "the trained weights (no EMA)") if evaluate else ""
+            _say(_progress_line(done, tc.steps, metrics, window.eta(tc.steps - done), evaluate, weights))
             if w.logger is not None:
                 w.logger.log_metrics(metrics, step=done)
     except BaseException:
@@ -599,13 +601,16 @@ class _Window:
         return f"{int(remaining // 3600)}:{int(remaining % 3600 // 60):02d}:{int(remaining % 60):02d}"
 
 
-def _progress_line(done: int, steps: int, metrics: dict[str, float], eta: str, evaluated: bool) -> str:
+def _progress_line(done: int, steps: int, metrics: dict[str, float], eta: str, evaluated: bool,
+                   weights: str = "") -> str:
     line = f"step {done}/{steps} loss {metrics['loss']:.4g}"
     if "loss_vd" in metrics:
         line += f" (vm {metrics['loss_vm']:.4g} vd {metrics['loss_vd']:.4g})"
     line += f" grad {metrics['grad_norm']:.3g} {metrics['assets_per_s_per_worker']:.1f} assets/s/worker ETA {eta}"
     if evaluated:
         line += " eval " + " ".join(f"{k[5:]}={v:.4g}" for k, v in metrics.items() if k.startswith("eval_"))
+        if weights:
+            line += f" [{weights}]"
     return line
 
 
