@@ -42,6 +42,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mdt_ray.config import Config, ConfigError, _format_errors, apply_overrides, from_dict, read_yaml
+from mdt_ray.config_paths import PATH_KEYS, is_local, resolve_path, resolve_tree
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,13 @@ class SweepFile(_Block):
     sweep: SweepSpec
 
 
+def _resolved(value: str) -> str:
+    """A local path absolute against the command's cwd (see mdt_ray.config_paths); URIs as given."""
+    from mdt_ray.models.registry import NAMED_CONFIGS
+
+    return value if not is_local(value) or value in NAMED_CONFIGS else resolve_path(value, Path.cwd())
+
+
 def _dotted_set(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return apply_overrides(tree, [f"{key}={json.dumps(value)}"])
 
@@ -155,6 +163,13 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None) -
         tree = _dotted_set(tree, key, value)
     if cfg_over:
         tree = apply_overrides(tree, cfg_over)
+    tree = resolve_tree(tree)
+    spec_file.sweep.storage_path = _resolved(spec_file.sweep.storage_path)
+    for key, domain in spec_file.sweep.space.items():
+        if key in PATH_KEYS:
+            for k in ("grid", "choice"):
+                if getattr(domain, k) is not None:
+                    setattr(domain, k, [_resolved(v) if isinstance(v, str) else v for v in getattr(domain, k)])
     base = from_dict(tree, f"{p} (base)")
     flat = base.flat()
     for key, domain in spec_file.sweep.space.items():
