@@ -160,8 +160,10 @@ def test_the_readme_command_before_the_corpus_exists_is_one_line_before_ray(conf
     elapsed = time.monotonic() - t0
     prog = LOCAL[config].removesuffix(".py")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert _error_lines(proc.stderr) == [f"{prog}: error: data.uri: no corpus at data/demo-corpus: "
+    # The path as resolved from the command's directory, before any line announces the run.
+    assert _error_lines(proc.stderr) == [f"{prog}: error: data.uri: no corpus at {tmp_path.resolve()}/data/demo-corpus: "
                                          "the path does not exist"]
+    assert "distilling" not in proc.stderr
     assert "Traceback" not in proc.stdout and "Ray instance" not in proc.stdout + proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/, no mlflow.db
     assert elapsed < 60
