@@ -207,6 +207,10 @@ class Config(_Block):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+# ValidationError.title -> the model it validated (the models whose unknown keys get a suggestion).
+_MODELS: dict[str, type[BaseModel]] = {"Config": Config}
+
+
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -218,13 +222,32 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    """The keys the block at `loc[:-1]` of `model` allows (empty when the path leaves the models)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        sub = getattr(field, "annotation", None) if field else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            return []
+        model = sub
+    return list(model.model_fields)
+
+
+def _suggestion(model: type[BaseModel], loc: tuple) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(model, loc), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"] if not isinstance(p, int)) or "<root>"
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
-            msg = "unknown key"
+            model = getattr(err, "title", None)
+            msg = "unknown key" + (_suggestion(_MODELS[model], e["loc"]) if model in _MODELS else "")
         got = e.get("input")
         shown = "" if e["type"] == "extra_forbidden" or isinstance(got, dict) else f" (got {got!r})"
         lines.append(f"  {key}: {msg}{shown}")
@@ -309,7 +332,9 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Optional[li
     if overrides:
         tree = apply_overrides(tree, overrides)
         source += " with --set overrides"
-    return from_dict(tree, source)
+    from mdt_ray.config_paths import resolve_tree
+
+    return from_dict(resolve_tree(tree), source)
 
 
 def add_config_args(parser) -> None:

@@ -76,3 +76,61 @@ def ray_train_sigint():
     finally:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+
+
+# Ray Tune 2.60's SIGINT handler (ray.tune.tune._setup_signal_catching) is a closure of this name;
+# it ends the tuning loop, saves the experiment state and puts back the handler it replaced, so
+# Tuner.fit() returns a result grid as if the sweep had finished.
+_TUNE_HANDLER = "signal_interrupt_tune_run"
+
+
+def _is_tune_handler(handler) -> bool:
+    return getattr(handler, "__name__", "") == _TUNE_HANDLER
+
+
+class _DropTuneRestoreHint:
+    """Tune's own 'Resume experiment with: Tuner.restore(...)' and 'Stop signal received' lines:
+    a sweep resumes with `--resume`, and the interrupt gets the project's one line."""
+
+    def filter(self, record) -> bool:
+        text = str(record.msg)
+        return not ("Tuner.restore" in text or "interrupted, but the most recent state" in text
+                    or text.startswith("Stop signal received"))
+
+
+@contextlib.contextmanager
+def tune_interrupts():
+    """Around Tuner.fit(): yields a list that holds the signal's name when Tune ended the sweep on
+    an interrupt (fit() returned rather than raised). SIGTERM takes Tune's graceful path as SIGINT
+    does, so the experiment state is saved for `--resume` either way; after fit() the SIGINT
+    handler the caller had is back (Tune 2.60 leaves its own in place when nothing interrupts)."""
+    interrupted: list[str] = []
+    if not _in_main_thread():
+        yield interrupted
+        return
+
+    def on_sigterm(signum, frame):
+        _last_signal.append("SIGTERM")
+        tune_handler = signal.getsignal(signal.SIGINT)
+        if not _is_tune_handler(tune_handler):  # Tune's loop is not running: end where we are
+            raise Interrupted("SIGTERM")
+        interrupted.append("SIGTERM")
+        tune_handler(signal.SIGINT, frame)
+
+    import logging
+
+    before_int, before_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    hint = _DropTuneRestoreHint()
+    tune_log = logging.getLogger("ray.tune.tune")
+    tune_log.addFilter(hint)
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield interrupted
+        # fit() returned: Tune's handler replaced the caller's on entry and put it back only if it ran.
+        if not interrupted and not _is_tune_handler(signal.getsignal(signal.SIGINT)):
+            interrupted.append("SIGINT")
+            _last_signal.append("SIGINT")
+    finally:
+        tune_log.removeFilter(hint)
+        signal.signal(signal.SIGTERM, before_term)
+        signal.signal(signal.SIGINT, before_int)

@@ -42,6 +42,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mdt_ray.config import Config, ConfigError, _format_errors, apply_overrides, from_dict, read_yaml
+from mdt_ray.config_paths import PATH_KEYS, is_local, resolve_path, resolve_tree
+from mdt_ray.interrupts import Interrupted, tune_interrupts
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +125,13 @@ class SweepFile(_Block):
     sweep: SweepSpec
 
 
+def _resolved(value: str) -> str:
+    """A local path absolute against the command's cwd (see mdt_ray.config_paths); URIs as given."""
+    from mdt_ray.models.registry import NAMED_CONFIGS
+
+    return value if not is_local(value) or value in NAMED_CONFIGS else resolve_path(value, Path.cwd())
+
+
 def _dotted_set(tree: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
     return apply_overrides(tree, [f"{key}={json.dumps(value)}"])
 
@@ -155,6 +164,13 @@ def load_sweep(path: str | os.PathLike, overrides: Optional[list[str]] = None) -
         tree = _dotted_set(tree, key, value)
     if cfg_over:
         tree = apply_overrides(tree, cfg_over)
+    tree = resolve_tree(tree)
+    spec_file.sweep.storage_path = _resolved(spec_file.sweep.storage_path)
+    for key, domain in spec_file.sweep.space.items():
+        if key in PATH_KEYS:
+            for k in ("grid", "choice"):
+                if getattr(domain, k) is not None:
+                    setattr(domain, k, [_resolved(v) if isinstance(v, str) else v for v in getattr(domain, k)])
     base = from_dict(tree, f"{p} (base)")
     flat = base.flat()
     for key, domain in spec_file.sweep.space.items():
@@ -274,9 +290,10 @@ def trial_config(tree: dict[str, Any], params: dict[str, Any], name: str, storag
 _RUN_STATUS = {"DONE": "FINISHED", "STOPPED": "KILLED", "ERROR": "FAILED"}
 
 
-def _close_children(uri: str, parent_run_id: str, trials: list[dict[str, Any]]) -> None:
+def _close_children(uri: str, parent_run_id: str, trials: list[dict[str, Any]], reason: Optional[str] = None) -> None:
     """Set every child run's final status from its trial's outcome (matched on the trial id tag);
-    a run with no reported trial that is still RUNNING is closed as KILLED."""
+    a run with no reported trial that is still RUNNING is closed as KILLED, with `reason` (why the
+    sweep ended) in its `mdt_ray.end_reason` tag."""
     from mlflow.tracking import MlflowClient
 
     outcome = {t["trial"]: t["status"] for t in trials}
@@ -286,6 +303,8 @@ def _close_children(uri: str, parent_run_id: str, trials: list[dict[str, Any]]) 
         status = outcome.get(run.data.tags.get("mdt_ray.trial_id", ""))
         if status is None and run.info.status != "RUNNING":
             continue
+        if status is None and reason:
+            client.set_tag(run.info.run_id, "mdt_ray.end_reason", reason[:5000])
         client.set_terminated(run.info.run_id, _RUN_STATUS.get(status, "KILLED"))
         if status == "STOPPED":
             client.set_tag(run.info.run_id, "mdt_ray.stopped_early", "true")
@@ -311,22 +330,33 @@ def run_sweep(cfg: Config, spec: SweepSpec, tree: dict[str, Any], *, resume: boo
     from mdt_ray.train.trainer import ensure_ray
 
     check_inputs(cfg, spec)
+    if not resume:
+        refuse_existing(cfg, spec)
     ensure_ray()
     cluster = cluster_capacity(extra=[spec.driver_resource] if spec.driver_resource else [])
     concurrency = fit_concurrency(cfg, spec, cluster)
     uri = Tracking.of(cfg).uri
     parent = _start_parent(uri, cfg, spec) if uri else None
+    trials: list[dict[str, Any]] = []
     try:
-        results = _tuner(cfg, spec, tree, uri, parent, resume, concurrency, driver_resources(spec, cluster)).fit()
+        tuner = _tuner(cfg, spec, tree, uri, parent, resume, concurrency, driver_resources(spec, cluster))
+        with tune_interrupts() as interrupted:
+            results = tuner.fit()
+        trials = [_outcome(r, spec, cfg.train.steps) for r in results]
+        if interrupted:
+            # Tune 2.60 ends an interrupted sweep by returning its results: its unfinished trials
+            # look STOPPED (ASHA's word), which the sweep must not report as an outcome.
+            raise Interrupted(interrupted[0])
     except BaseException as exc:
         if parent:  # a sweep that could not finish (or was interrupted) must not leave its runs RUNNING
             from mdt_ray.train.launch import end_status
 
+            status, reason = end_status(exc)
+            done = [t for t in trials if t["status"] in ("DONE", "ERROR")]
             with contextlib.suppress(Exception):
-                _close_children(uri, parent, [])
-                tracking.end_run(uri, parent, *end_status(exc))
+                _close_children(uri, parent, done, reason=reason)
+                tracking.end_run(uri, parent, status, reason)
         raise
-    trials = [_outcome(r, spec, cfg.train.steps) for r in results]
     ok = [t for t in trials if t["metric"] is not None and t["status"] != "ERROR"]
     best = _best(results, spec, trials) if ok else None
     table = format_table(trials, spec)
@@ -387,19 +417,37 @@ def _start_parent(uri: str, cfg: Config, spec: SweepSpec) -> str:
                               tags={"mdt_ray.sweep": spec.name})
 
 
+def _sweep_storage(cfg: Config, spec: SweepSpec):
+    """(store, pyarrow filesystem or None, path) of the sweep's storage_path."""
+    from mdt_ray.data.storage import StorageTarget
+
+    sweep_store = StorageTarget.from_data_config(cfg.data, spec.storage_path)
+    if sweep_store.is_s3:
+        return (sweep_store, *sweep_store.pyarrow_fs())
+    return sweep_store, None, str(Path(spec.storage_path).expanduser().resolve())
+
+
+def refuse_existing(cfg: Config, spec: SweepSpec) -> None:
+    """A sweep that already ran under this name is continued with --resume or renamed: Tune would
+    otherwise start it again beside the old trials' folders, under the same experiment path."""
+    from ray import tune
+
+    _, fs, path = _sweep_storage(cfg, spec)
+    exp_path = f"{path.rstrip('/')}/{spec.name}"
+    if tune.Tuner.can_restore(exp_path, storage_filesystem=fs):
+        from mdt_ray.train.launch import RunError
+
+        raise RunError(f"sweep {spec.name!r} already ran in {path}; continue it with --resume, "
+                          "or set another sweep.name (--set sweep.name=...)")
+
+
 def _tuner(cfg: Config, spec: SweepSpec, tree: dict[str, Any], uri: Optional[str], parent: Optional[str],
            resume: bool, concurrency: int, driver: dict[str, float]):
     """The Tuner of the sweep (restored from its experiment folder when resuming one); each
     trial's driver asks for `driver` (driver_resources)."""
     from ray import tune
 
-    from mdt_ray.data.storage import StorageTarget
-
-    sweep_store = StorageTarget.from_data_config(cfg.data, spec.storage_path)
-    if sweep_store.is_s3:
-        storage_fs, storage_path = sweep_store.pyarrow_fs()
-    else:
-        storage_fs, storage_path = None, str(Path(spec.storage_path).expanduser().resolve())
+    sweep_store, storage_fs, storage_path = _sweep_storage(cfg, spec)
     trainable = tune.with_parameters(
         _trial, tree=tree, parent_run_id=parent, tracking_uri=uri, experiment=cfg.tracking.experiment,
         sweep_name=spec.name, storage_path=spec.storage_path if sweep_store.is_s3 else storage_path,

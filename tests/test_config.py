@@ -75,3 +75,41 @@ def test_defaults_and_tracking_uri(monkeypatch):
     assert cfg.tracking.resolved_uri() == "sqlite:///mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x.db")
     assert cfg.tracking.resolved_uri() == "sqlite:////tmp/x.db"
+
+
+def test_unknown_keys_suggest_the_close_one():
+    with pytest.raises(ConfigError, match=r"distill\.lamda_vd: unknown key; did you mean 'lambda_vd'\?"):
+        load_config(None, ["distill.lamda_vd=0.5"])
+    with pytest.raises(ConfigError, match=r"distil: unknown key; did you mean 'distill'\?"):
+        load_config(None, ["distil.lambda_vd=0.5"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.zzzzzz=1"])
+    assert "did you mean" not in str(e.value)
+
+
+def test_relative_paths_resolve_against_the_commands_directory(tmp_path, monkeypatch):
+    """Once, where the config is loaded: trials and workers run in other directories."""
+    from pathlib import Path
+
+    from mdt_ray.tune import load_sweep
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(Path(__file__).parents[1] / "jobs/configs/demo.yaml",
+                      ["tracking.uri=sqlite:///db/mlflow.db", "model.image_encoder=~/dino.pth"])
+    assert cfg.data.uri == str(tmp_path / "data/demo-corpus")
+    assert cfg.data.eval_uri == str(tmp_path / "data/demo-eval")
+    assert cfg.run.storage_path == str(tmp_path / "runs")
+    assert cfg.tracking.uri == f"sqlite:///{tmp_path}/db/mlflow.db"
+    assert cfg.model.image_encoder == str(Path.home() / "dino.pth")
+    # The packaged teacher is not in tmp_path: found from the package root, as the workers found it.
+    assert Path(cfg.model.teacher).is_absolute() and Path(cfg.model.teacher).is_file()
+    (tmp_path / "mine.json").write_text("{}")
+    assert load_config(None, ["model.teacher=mine.json"]).model.teacher == str(tmp_path / "mine.json")
+    # URIs and built-in names stay as written.
+    uris = load_config(None, ["data.uri=s3://bucket/corpus", "model.teacher=ss-demo", "run.storage_path=s3://b/runs"])
+    assert (uris.data.uri, uris.model.teacher, uris.run.storage_path) == ("s3://bucket/corpus", "ss-demo", "s3://b/runs")
+    base, spec, tree = load_sweep(Path(__file__).parents[1] / "jobs/configs/sweep.yaml",
+                                  ['sweep.space={"data.uri": {"grid": ["a", "s3://b/c"]}}'])
+    assert spec.storage_path == str(tmp_path / "runs/sweeps")
+    assert tree["data"]["eval_uri"] == str(tmp_path / "data/demo-eval") == base.data.eval_uri
+    assert spec.space["data.uri"].grid == [str(tmp_path / "a"), "s3://b/c"]

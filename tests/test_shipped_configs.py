@@ -116,16 +116,23 @@ STOP_THEN_NEXT = ["sweep.metric=lr", "sweep.mode=max", 'sweep.space={"train.lr":
     pytest.param([], None, marks=pytest.mark.slow, id="shipped-grid"),
     pytest.param(STOP_THEN_NEXT, ["DONE", "STOPPED", "STOPPED"], id="asha-stop-then-next-trial")])
 def test_sweep_config_runs_as_shipped(ray_local, corpora, job_env, tmp_path, search, statuses):
+    # The relative paths as shipped (data/demo-corpus, data/demo-eval, runs/sweeps, the packaged
+    # teacher, a relative sqlite store), read from a working directory that holds the corpora
+    # there: the trials run in Tune's trial folders, so only paths resolved on the driver reach them.
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data/demo-corpus").symlink_to(corpora / "train")
+    (tmp_path / "data/demo-eval").symlink_to(corpora / "eval")
+    sets = [s for s in _shrunk(corpora, tmp_path) if not s.startswith(("data.", "tracking."))]
     # The scheduler as shipped, at 4 steps a trial: ASHA's first rung at step 2.
-    sets = _shrunk(corpora, tmp_path) + ["train.eval_every=2", "sweep.scheduler.grace_period=2",
-                                         f"sweep.storage_path={tmp_path}/sweeps", *search]
-    proc = _job("sweep.yaml", sets, job_env, "--json", str(tmp_path / "sweep.json"))
+    sets += ["tracking.uri=sqlite:///mlflow.db", "train.eval_every=2", "sweep.scheduler.grace_period=2", *search]
+    proc = _job("sweep.yaml", sets, job_env, "--json", str(tmp_path / "sweep.json"), cwd=tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "Started a local Ray instance" in out
     assert "trial(s) at a time" in out and "[mdt-ray] best trial" in out
     result = json.loads((tmp_path / "sweep.json").read_text())
     assert result["best"]["metric"] is not None and result["best"]["checkpoint"]
+    assert result["best"]["checkpoint"].startswith(str(tmp_path / "runs/sweeps")), result["best"]
     if statuses is None:
         assert len(result["trials"]) == 4 and all(t["status"] in ("DONE", "STOPPED") for t in result["trials"])
     else:
@@ -153,8 +160,10 @@ def test_the_readme_command_before_the_corpus_exists_is_one_line_before_ray(conf
     elapsed = time.monotonic() - t0
     prog = LOCAL[config].removesuffix(".py")
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert _error_lines(proc.stderr) == [f"{prog}: error: data.uri: no corpus at data/demo-corpus: "
+    # The path as resolved from the command's directory, before any line announces the run.
+    assert _error_lines(proc.stderr) == [f"{prog}: error: data.uri: no corpus at {tmp_path.resolve()}/data/demo-corpus: "
                                          "the path does not exist"]
+    assert "distilling" not in proc.stderr
     assert "Traceback" not in proc.stdout and "Ray instance" not in proc.stdout + proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no runs/, no mlflow.db
     assert elapsed < 60

@@ -18,9 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mdt_ray.tracking import resolve_uri
     from mdt_ray.train.launch import distill
 
     cfg = load_config(args.config, args.overrides)
+    check_corpus(cfg)
     log.info("distilling %s (%s, %s) on %s with %d worker(s), %d steps -> %s/%s", cfg.model.teacher, cfg.model.stage,
              cfg.distill.method, cfg.data.uri, cfg.scale.num_workers, cfg.train.steps, cfg.run.storage_path,
              cfg.run.name)
@@ -32,8 +34,18 @@ def run(args: argparse.Namespace) -> int:
     log.info("checkpoint: %s", out.checkpoint)
     log.info("TRELLIS export: %s/trellis/%s_student.{json,safetensors}", out.checkpoint, cfg.run.name)
     if out.mlflow_run_id:
-        log.info("MLflow run %s in %s", out.mlflow_run_id, cfg.tracking.resolved_uri())
+        log.info("MLflow run %s in %s", out.mlflow_run_id, resolve_uri(cfg.tracking.resolved_uri()))
     return 0
+
+
+def check_corpus(cfg) -> None:
+    """The training corpus named by data.uri exists and reads, before the run is announced."""
+    from mdt_ray.data.schema import read_manifest
+    from mdt_ray.data.storage import StorageTarget
+    from mdt_ray.train.launch import naming
+
+    with naming("data.uri"):
+        read_manifest(StorageTarget.from_data_config(cfg.data))
 
 
 main = main_for("distill", "MDT-dist distillation on Ray Train", add_arguments, run)

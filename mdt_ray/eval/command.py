@@ -130,6 +130,21 @@ def run_eval(cfg, checkpoint: str, *, teacher: Optional[str] = None, data: Optio
     return result, out_dir
 
 
+def training_run_of(ckpt: Path) -> Optional[str]:
+    """The MLflow run id of the distillation run whose checkpoint `ckpt` is: the run folder above a
+    `checkpoint_*` folder records it (mdt_ray.train.state.RUN_META); None for any other file."""
+    from mdt_ray.train.state import RUN_META
+
+    for folder in Path(ckpt).resolve().parents:
+        if folder.name.startswith("checkpoint_"):
+            try:
+                meta = json.loads((folder.parent / RUN_META).read_text())
+            except (OSError, ValueError):
+                return None
+            return meta.get("mlflow_run_id") if isinstance(meta, dict) else None
+    return None
+
+
 def log_mlflow(result: dict[str, Any], cfg, out_dir: Path, run_id: Optional[str], ckpt: Path) -> tuple[str, str]:
     """Log the report's metrics (eval_<metric>_<k>step_<N>assets) and files into `run_id`, or into
     a new run of kind "eval"."""
@@ -144,7 +159,11 @@ def log_mlflow(result: dict[str, Any], cfg, out_dir: Path, run_id: Optional[str]
                   "eval.device": s["device"], "eval.latency_batch": s["latency_batch"]}
         params.update({f"eval.sampler.{k}": v for k, v in s["sampler"].items()})
         params.update({f"eval.teacher_sampler.{k}": v for k, v in (s["teacher_sampler"] or {}).items()})
-        run_id = start_run(uri, cfg.tracking.experiment, f"eval-{ckpt.stem}", params, tags={"kind": "eval"})
+        tags = {"kind": "eval"}
+        trained_in = training_run_of(ckpt)
+        if trained_in:
+            tags["mdt_ray.training_run_id"] = trained_in
+        run_id = start_run(uri, cfg.tracking.experiment, f"eval-{ckpt.stem}", params, tags=tags)
     logger = RunLogger(uri, run_id)
     # The held-out asset count is part of each name: the run's in-training eval logs FDs of fewer
     # assets (train.eval_assets) under eval_<metric>_<k>step, and an FD depends on the count.
