@@ -174,3 +174,20 @@ def test_export_pipeline_bad_students_are_one_line(hub, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "no pipeline.json" in err and len(err.splitlines()) == 1
     assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+
+
+def test_export_pipeline_registers_the_folder(hub, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))
+    run_id = client.create_run(experiment).info.run_id
+    ss = _student(tmp_path, "ss_flow_tiny", "ss_run")
+    assert main(["export-pipeline", "--base", REPO, "--ss", str(ss), "--steps", "1", "--out", str(tmp_path / "out"),
+                 "--register", "trellis-mdt", "--tracking-uri", uri, "--run-id", run_id]) == 0
+    version = client.get_model_version("trellis-mdt", "1")
+    assert version.run_id == run_id and version.source.endswith("/pipeline")
+    local = Path(client.download_artifacts(run_id, "pipeline", str(tmp_path / "dl")))
+    flows, samplers = _trellis_load(local)
+    assert samplers["sparse_structure_sampler"]["steps"] == 1 and set(flows) == set(MODELS)
