@@ -191,3 +191,21 @@ def test_export_pipeline_registers_the_folder(hub, tmp_path):
     local = Path(client.download_artifacts(run_id, "pipeline", str(tmp_path / "dl")))
     flows, samplers = _trellis_load(local)
     assert samplers["sparse_structure_sampler"]["steps"] == 1 and set(flows) == set(MODELS)
+
+
+def test_a_run_checks_a_pipeline_teacher_before_it_starts(hub, tmp_path):
+    from mdt_ray.config import load_config
+    from mdt_ray.data.corpus import build_synthetic
+    from mdt_ray.data.schema import read_manifest
+    from mdt_ray.train.launch import RunError, check_compatible
+
+    corpus = tmp_path / "train"
+    build_synthetic(str(corpus), 4, seed=0, progress=False, use_ray=False)
+    demo = Path(__file__).resolve().parents[1] / "jobs/configs/demo.yaml"
+    for spec in (REPO, str(hub)):
+        cfg = load_config(demo, [f"data.uri={corpus}", f"model.teacher={spec}"])
+        with pytest.raises(RunError, match=f"model.teacher '{spec}' \\(model.stage 'ss'\\) does not fit"):
+            check_compatible(cfg, read_manifest(corpus))
+    cfg = load_config(demo, [f"data.uri={corpus}", "model.teacher=microsoft/TRELLIS-nope"])
+    with pytest.raises(RunError, match="pipeline.json of Hugging Face repository 'microsoft/TRELLIS-nope'"):
+        check_compatible(cfg, read_manifest(corpus))
