@@ -21,6 +21,8 @@ COMMANDS: tuple[tuple[str, str, str, dict], ...] = (
     ("pretrain-teacher", "pretrain", "flow-matching pre-training of a small benchmark teacher", {}),
     ("pretrain-slat-teacher", "pretrain", "pre-training of a small stage-2 (SLAT) teacher "
      "(= pretrain-teacher --stage slat)", {"stage": "slat"}),
+    ("export-pipeline", "export_pipeline", "a TRELLIS pipeline folder with distilled students as its flow models",
+     {}),
     ("bench", "bench", "run a script of benchmarks/ (e.g. quality --quick); --list names them", {}),
 )
 

@@ -63,7 +63,11 @@ def choose_teacher(cfg, ckpt: Path, stage: Stage, teacher: Optional[str]) -> Opt
     if spec in NAMED_CONFIGS:
         raise ValueError(f"teacher {spec!r} is a built-in size without trained weights; pass --teacher "
                          "<name>.json (or --teacher none)")
-    return None if str(spec).lower() == "none" else resolve_model_path(spec)
+    if str(spec).lower() == "none":
+        return None
+    from mdt_ray.models.pipeline import resolve_teacher
+
+    return resolve_model_path(resolve_teacher(str(spec), stage.name))
 
 
 def load_held_out(cfg, stage: Stage, data_uri: str, assets: int) -> Split:

@@ -1,7 +1,8 @@
 """Teachers and students: where `model.teacher` points, building it, freezing it, copying it; and
 the frozen image encoder that sits beside the teacher on image corpora (`model.image_encoder`).
 
-`model.teacher` is a built-in size (`ss-demo`, ...) or a TRELLIS `<name>.json` path. Paths that do
+`model.teacher` is a built-in size (`ss-demo`, ...), a TRELLIS `<name>.json` path, or a TRELLIS
+pipeline (folder or Hugging Face id, see mdt_ray.models.pipeline) whose `model.stage` flow model it takes. Paths that do
 not exist from the working directory are also tried from the repository (or installed package)
 root, so the packaged `mdt_ray/assets/...` teacher resolves from any cwd, a Ray worker's included.
 """
@@ -71,10 +72,14 @@ def run_teacher_of(path: Path) -> Optional[str]:
     return None
 
 
-def teacher_spec(spec: str) -> dict[str, Any]:
-    """The teacher's TRELLIS `{"name", "args"}` without building it (driver-side checks)."""
+def teacher_spec(spec: str, stage: str = "ss") -> dict[str, Any]:
+    """The teacher's TRELLIS `{"name", "args"}` without building it (driver-side checks); a
+    pipeline folder or Hub id gives `stage`'s flow model."""
+    from mdt_ray.models.pipeline import resolve_teacher
+
     if spec in NAMED_CONFIGS:
         return copy.deepcopy(NAMED_CONFIGS[spec])
+    spec = resolve_teacher(spec, stage)
     path = from_root(spec)
     if not path.is_file():
         raise ModelPathError(f"model.teacher: no TRELLIS checkpoint config at {path} (expected <name>.json with "
@@ -88,8 +93,10 @@ def teacher_spec(spec: str) -> dict[str, Any]:
     return loaded
 
 
-def build_teacher(spec: str, seed: int = 0) -> torch.nn.Module:
-    """The teacher on CPU: a TRELLIS checkpoint pair, or a built-in size.
+def build_teacher(spec: str, seed: int = 0, stage: str = "ss") -> torch.nn.Module:
+    """The teacher on CPU: a TRELLIS checkpoint pair (or `stage`'s in a pipeline), or a built-in size.
+
+    Each worker resolves a pipeline itself, so a Hub id reads that node's Hugging Face cache.
 
     A built-in size has no trained weights; it gets a seeded random init with the zero-initialised
     layers (adaLN, output) perturbed too, so that smoke runs and tests distil a non-trivial field.
@@ -104,7 +111,9 @@ def build_teacher(spec: str, seed: int = 0) -> torch.nn.Module:
                 if p.dim() >= 1 and not p.any():
                     p.normal_(0.0, 0.02)
         return model
-    return load_trellis(from_root(spec))
+    from mdt_ray.models.pipeline import resolve_teacher
+
+    return load_trellis(from_root(resolve_teacher(spec, stage)))
 
 
 def student_from(teacher: torch.nn.Module) -> torch.nn.Module:

@@ -134,10 +134,10 @@ def check_compatible(cfg: Config, manifest) -> None:
     from mdt_ray.stages import get_stage, stage_of_class
 
     try:
-        spec = teacher_spec(cfg.model.teacher)
+        spec = teacher_spec(cfg.model.teacher, cfg.model.stage)
     except ModelPathError as e:
         raise RunError(str(e)) from None
-    check_teacher_weights(cfg.model.teacher)
+    check_teacher_weights(cfg.model.teacher, cfg.model.stage)
     stage = get_stage(cfg.model.stage)
     try:
         teacher_stage = stage_of_class(spec["name"])
@@ -164,16 +164,17 @@ def check_batch_fits(cfg: Config, corpus_rows: int) -> None:
                        f"{cfg.train.batch_size}; lower one of those or use a larger corpus")
 
 
-def check_teacher_weights(teacher: str) -> None:
+def check_teacher_weights(teacher: str, stage: str = "ss") -> None:
     """A teacher checkpoint whose weights do not fit its json (wrong shapes, missing keys) is
     refused here, from the safetensors header, instead of on every worker after Ray starts."""
     from mdt_ray.models import NAMED_CONFIGS
     from mdt_ray.models.checkpoint import check_trellis
+    from mdt_ray.models.pipeline import resolve_teacher
     from mdt_ray.models.teachers import from_root
 
     if teacher in NAMED_CONFIGS:
         return
-    path = from_root(teacher)
+    path = from_root(resolve_teacher(teacher, stage))
     if path.is_file():
         with naming_model("model.teacher"):
             check_trellis(path)

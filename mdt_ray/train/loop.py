@@ -186,7 +186,7 @@ def _build(w: Worker) -> tuple[Engine, torch.nn.Module, Optional[ViewConditioner
 
     from mdt_ray.config import ConfigError
 
-    teacher = build_teacher(w.cfg.model.teacher, seed=w.cfg.train.seed)
+    teacher = build_teacher(w.cfg.model.teacher, seed=w.cfg.train.seed, stage=w.cfg.model.stage)
     student = student_from(teacher).to(w.device)
     teacher = freeze(teacher, w.device, w.cfg.model.teacher_bf16)
     conditioner = None
