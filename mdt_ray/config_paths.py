@@ -22,18 +22,27 @@ _SQLITE = "sqlite:///"
 _ROOT = Path(__file__).resolve().parents[1]
 
 
+def _is_hub_id(value: str, cwd: Path) -> bool:
+    from mdt_ray.models.pipeline import _HUB_ID
+
+    p = Path(value).expanduser()
+    return (not p.is_absolute() and not (cwd / p).exists() and not (_ROOT / p).exists()
+            and not value.endswith(".json") and bool(_HUB_ID.match(value)))
+
+
 def is_local(value: str) -> bool:
     return "://" not in value
 
 
-def resolve_path(value: str, cwd: Path) -> str:
-    """`value` absolute against `cwd` (after `~`), or against the package root when only that
-    holds it."""
+def resolve_path(value: str, cwd: Path, *, root_fallback: bool = False) -> str:
+    """`value` absolute against `cwd` (after `~`); with `root_fallback` (the teacher), against
+    the package root when only that holds it. Outputs and corpora never fall back: a `runs/`
+    that happens to exist in the package root is not the user's."""
     p = Path(value).expanduser()
     if p.is_absolute():
         return str(p)
     here = cwd / p
-    if not here.exists() and (_ROOT / p).exists():
+    if root_fallback and not here.exists() and (_ROOT / p).exists():
         return str(_ROOT / p)
     return os.path.normpath(here)
 
@@ -55,7 +64,10 @@ def resolve_tree(tree: dict[str, Any], cwd: Optional[str | os.PathLike] = None) 
         # A bare word there is a size name (or a typo of one, which its validator names).
         if key == "model.teacher" and (value in NAMED_CONFIGS or not (value.endswith(".json") or "/" in value)):
             continue
-        node[name] = resolve_path(value, base)
+        # owner/name[@rev] that is no local path here is a Hugging Face id (mdt_ray.models.pipeline).
+        if key == "model.teacher" and _is_hub_id(value, base):
+            continue
+        node[name] = resolve_path(value, base, root_fallback=key == "model.teacher")
     tracking = out.get("tracking")
     if isinstance(tracking, dict):
         uri = tracking.get("uri")
