@@ -169,11 +169,16 @@ def test_export_pipeline_bad_students_are_one_line(hub, tmp_path, capsys):
     export_trellis(other, tmp_path / "wide", "student")
     with pytest.raises(PipelineError, match="does not have the shape of the base pipeline.s sparse_structure_flow_model"):
         export_pipeline(REPO, {"ss": str(tmp_path / "wide")}, 2, tmp_path / "o2")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken/student.json").write_text("{not json")
+    (tmp_path / "broken/student.safetensors").write_bytes(b"")
+    with pytest.raises(PipelineError, match="broken/student.json is no TRELLIS model config"):
+        export_pipeline(REPO, {"ss": str(tmp_path / "broken/student.json")}, 1, tmp_path / "o4")
     assert main(["export-pipeline", "--base", str(tmp_path), "--ss", str(ss), "--steps", "1",
                  "--out", str(tmp_path / "o3")]) == 2
     err = capsys.readouterr().err.strip()
     assert "no pipeline.json" in err and len(err.splitlines()) == 1
-    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3"))
+    assert not any((tmp_path / o).exists() for o in ("o1", "o2", "o3", "o4"))
 
 
 def test_export_pipeline_registers_the_folder(hub, tmp_path):

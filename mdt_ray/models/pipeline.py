@@ -114,11 +114,11 @@ def _student(spec: str, stage: str, base_cfg: dict[str, Any]) -> tuple[Path, dic
     from mdt_ray.stages import stage_of_class
 
     path = resolve_model_path(spec)
-    cfg = json.loads(path.read_text())
     try:
+        cfg = json.loads(path.read_text())
         student_stage = stage_of_class(cfg.get("name", "")).name
-    except ValueError as e:
-        raise PipelineError(f"--{stage} {spec}: {e}") from None
+    except (ValueError, AttributeError) as e:  # JSONDecodeError is a ValueError
+        raise PipelineError(f"--{stage} {spec}: {path} is no TRELLIS model config: {e}") from None
     if student_stage != stage:
         raise PipelineError(f"--{stage} {spec}: {path.name} is a {cfg['name']} (stage {student_stage!r}), not a "
                             f"stage-{stage!r} model")
@@ -126,9 +126,10 @@ def _student(spec: str, stage: str, base_cfg: dict[str, Any]) -> tuple[Path, dic
     shape, base_shape = _param_shapes(cfg), _param_shapes(base_cfg)
     if cfg["name"] != base_cfg["name"] or shape != base_shape:
         diff = sorted(k for k in set(shape) | set(base_shape) if shape.get(k) != base_shape.get(k))
+        what = (f"{len(diff)} tensors differ, e.g. {diff[0]}: {shape.get(diff[0])} vs {base_shape.get(diff[0])}"
+                if diff else f"model class {cfg['name']} vs {base_cfg['name']}")
         raise PipelineError(f"--{stage} {spec}: {path.name} does not have the shape of the base pipeline's "
-                            f"{STAGE_KEYS[stage][0]} ({len(diff)} tensors differ, e.g. {diff[0]}: "
-                            f"{shape.get(diff[0])} vs {base_shape.get(diff[0])})")
+                            f"{STAGE_KEYS[stage][0]} ({what})")
     check_trellis(path)
     run_ckpt = path.parent.parent if path.parent.name == "trellis" else None
     return path, cfg, run_ckpt
