@@ -55,7 +55,11 @@ def run(args) -> int:
     from mdt_ray.benchmark.study import EVAL_AT, settings_of
 
     for recipe in args.recipe:
-        settings_of(recipe)  # an unknown name is a usage error before any corpus loads
+        try:
+            settings_of(recipe)  # an unknown name is a usage error before any corpus loads
+        except ValueError as e:
+            print(f"students.py run: error: --recipe: {e}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     eval_at = args.eval_at or [k for k in EVAL_AT if k <= args.steps]
@@ -95,17 +99,28 @@ def report(args) -> int:
     return 0
 
 
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1, so a bad count is a usage error, not a worker's traceback."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="train and score study runs")
     r.add_argument("--recipe", nargs="+", required=True)
     r.add_argument("--teacher", nargs="+", default=["exact"], choices=["exact", "learned"])
-    r.add_argument("--steps", type=int, default=3200)
+    r.add_argument("--steps", type=_positive, default=3200)
     r.add_argument("--seeds", type=int, nargs="+", default=[0])
     r.add_argument("--eval-at", type=int, nargs="*", default=None, help="steps to score at (default 200·2^k ≤ steps)")
-    r.add_argument("--jobs", type=int, default=1)
-    r.add_argument("--threads", type=int, default=1)
+    r.add_argument("--jobs", type=_positive, default=1)
+    r.add_argument("--threads", type=_positive, default=1)
     r.add_argument("--out", default=str(OUT))
     g = sub.add_parser("report", help="tables and figures from the run files")
     g.add_argument("--out", default=str(OUT))

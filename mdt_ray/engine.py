@@ -207,7 +207,7 @@ class Engine:
             with self._sync_context(m == n - 1), autocast_for(self.train.mixed_precision, self.device):
                 draws = draw_inputs(x0, self.distill, gen)
                 out = compute_loss(self.distill, self.forward_model, self.teacher, x0, cond, draws, gen)
-                if getattr(self.train, "diagnostics", False):
+                if self.train.diagnostics:
                     out.update(self._term_grad_norms(out.get("loss_terms", {})))
                 (out["loss"] / n).backward()
             for k, v in out.items():
