@@ -94,6 +94,9 @@ class DistillConfig(_Block):
     # `traj` (trajectory distillation, the benchmark's ceiling): the teacher ODE it regresses onto.
     traj_steps: int = Field(25, ge=1)
     traj_rescale_t: float = Field(3.0, gt=0)
+    # `mdt` / `vm`: weight of an added `traj` regression term (DMD's regression loss, Yin et al.
+    # 2024): VD is mode-seeking, and the ODE pairs tie each noise to its own mode (docs/benchmark.md).
+    lambda_reg: float = Field(0.0, ge=0)
 
     _cfg_vm = field_validator("cfg_vm")(classmethod(lambda cls, v: _check_cfg(v)))
     _cfg_vd = field_validator("cfg_vd")(classmethod(lambda cls, v: _check_cfg(v)))

@@ -467,19 +467,47 @@ def draw_inputs(x0: Batch, distill, generator: Optional[torch.Generator] = None)
         dt=distill.dt if steps_back else 0.0, sigma_min=distill.sigma_min, generator=generator,
         device=device,
     )
-    if method == "traj":
-        # Half of every batch at t = 1, the only time the 1-step sampler asks the student about;
-        # the rest on the schedule, for the few-step grids.
-        t[::2] = 1.0
-    draws = {"noise": randn_like(x0, generator), "t": t}
+    draws = {"noise": randn_like(x0, generator), "t": _half_at_one(t) if method == "traj" else t}
     if method == "mdt":
         draws["fake_noise"] = randn_like(x0, generator)
+    if method in ("mdt", "vm") and distill.lambda_reg > 0:
+        draws["reg_noise"] = randn_like(x0, generator)
+        draws["reg_t"] = _half_at_one(sample_t(
+            batch_size(x0), schedule=distill.t_schedule, mean=distill.t_mean, std=distill.t_std, dt=0.0,
+            sigma_min=distill.sigma_min, generator=generator, device=device))
     if method == "fm" and distill.p_uncond > 0:
         draws["drop"] = torch.rand(batch_size(x0), generator=generator, device=device) < distill.p_uncond
     return draws
 
 
+def _half_at_one(t: torch.Tensor) -> torch.Tensor:
+    # Trajectory regression puts half of every batch at t = 1, the only time the 1-step sampler
+    # asks the student about; the rest stay on the schedule, for the few-step grids.
+    t = t.clone()
+    t[::2] = 1.0
+    return t
+
+
+def with_regression(out: dict[str, Any], reg: dict[str, Any], weight: float) -> dict[str, Any]:
+    """`out` (an MDT-dist / VM loss) plus `weight` × the trajectory-regression loss `reg`."""
+    out = dict(out)
+    out["loss"] = out["loss"] + weight * reg["loss"]
+    out["loss_reg"] = reg["loss_traj"]
+    out["loss_terms"] = {**out.get("loss_terms", {}), "reg": weight * reg["loss"]}
+    return out
+
+
 def _mdt_or_vm(distill, student, teacher, x0, cond, neg_cond, draws, generator):
+    out = _mdt_or_vm_only(distill, student, teacher, x0, cond, neg_cond, draws, generator)
+    if distill.lambda_reg <= 0:
+        return out
+    reg = traj_loss(student, teacher, x0, cond, neg_cond, noise=draws["reg_noise"], t=draws["reg_t"],
+                    teacher_steps=distill.traj_steps, rescale_t=distill.traj_rescale_t, cfg_scale=distill.cfg_vm,
+                    sigma_min=distill.sigma_min, generator=generator)
+    return with_regression(out, reg, distill.lambda_reg)
+
+
+def _mdt_or_vm_only(distill, student, teacher, x0, cond, neg_cond, draws, generator):
     return mdt_loss(
         student, teacher, x0, cond, neg_cond, noise=draws["noise"], t=draws["t"],
         fake_noise=draws.get("fake_noise"), lambda_vm=distill.lambda_vm,

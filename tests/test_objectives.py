@@ -257,3 +257,25 @@ def test_mdt_loss_rejects_nonsense():
         obj.mdt_loss(student, teacher, x0, cond, neg, noise=noise, t=t, fake_noise=None)
     with pytest.raises(ValueError, match="both 0"):
         obj.mdt_loss(student, teacher, x0, cond, neg, noise=noise, t=t, fake_noise=fake, lambda_vm=0, lambda_vd=0)
+
+
+def test_mdt_with_regression_adds_the_traj_term_on_its_own_draws():
+    teacher, student, x0, _, _, cond, _ = _setup()
+    neg = torch.zeros_like(cond)
+    plain, anchored = DistillConfig(cfg_vm=0.0, cfg_vd=0.0), DistillConfig(cfg_vm=0.0, cfg_vd=0.0, lambda_reg=0.5,
+                                                                          traj_steps=4, traj_rescale_t=1.0)
+    d0 = obj.draw_inputs(x0, plain, torch.Generator().manual_seed(5))
+    d1 = obj.draw_inputs(x0, anchored, torch.Generator().manual_seed(5))
+    # The MDT-dist draws come first and are unchanged, so lambda_reg 0 keeps every old run's stream.
+    assert set(d0) == {"noise", "t", "fake_noise"} and set(d1) == set(d0) | {"reg_noise", "reg_t"}
+    for k in d0:
+        torch.testing.assert_close(d0[k], d1[k])
+    assert d1["reg_t"][::2].eq(1.0).all()
+    base = obj.compute_loss(plain, student, teacher, x0, cond, d1)
+    out = obj.compute_loss(anchored, student, teacher, x0, cond, d1)
+    reg = obj.traj_loss(student, teacher, x0, cond, neg, noise=d1["reg_noise"], t=d1["reg_t"], teacher_steps=4,
+                        rescale_t=1.0, cfg_scale=0.0)
+    torch.testing.assert_close(out["loss"], base["loss"] + 0.5 * reg["loss"])
+    torch.testing.assert_close(out["loss_reg"], reg["loss_traj"])
+    assert set(out["loss_terms"]) == {"vm", "vd", "reg"}
+    torch.testing.assert_close(sum(out["loss_terms"].values()), out["loss"])

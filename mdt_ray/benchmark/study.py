@@ -46,6 +46,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "mdt-cfg3-3": {**BASE, "distill.cfg_vm": 3.0, "distill.cfg_vd": 3.0},
     "mdt-lr3e-4": {**BASE, "train.lr": 3e-4},
     "mdt-ema": {**BASE, "train.ema": 0.99},
+    # Remedies for the collapse onto one mode per condition: DMD's regression term on ODE pairs.
+    "mdt-reg1": {**BASE, "distill.lambda_reg": 1.0},
+    "mdt-reg0.1": {**BASE, "distill.lambda_reg": 0.1},
 }
 EVAL_AT = (200, 400, 800, 1600, 3200)
 STEPS = (1, 2, 4)
