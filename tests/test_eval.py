@@ -2,6 +2,7 @@
 mdt_ray.eval, and the checkpoint resolution of the command (hand-made metric cases live in
 tests/test_metrics.py; stage 2 in tests/test_eval_slat.py)."""
 
+import argparse
 import io
 import json
 import re
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import mdt_ray.eval.latency as latency_module
+from mdt_ray.cli.eval import add_arguments as add_eval_arguments
 from mdt_ray.cli.eval import main as eval_main
 from mdt_ray.data.corpus import build_synthetic
 from mdt_ray.eval import flat_metrics, format_table, grid_size, measure_latency, nfe_ratios, sampler_nfe, speedups
@@ -90,11 +92,23 @@ def test_evaluate_without_teacher_reports_progress_and_checks_stages(tiny, monke
     model = load_trellis(json_path)
     monkeypatch.setattr(report_module, "PROGRESS_EVERY_S", 0.0)
     lines = []
-    result = evaluate(model, split, steps=(2,), batch_size=2, latency_batch=2, latency_repeats=1, log=lines.append)
-    # Without a terminal: a line per finished batch but the last, then the sampler's scores.
-    progress = [re.sub(r"\(\d+s\)", "(Ts)", line) for line in lines if "batch" in line]
-    assert progress == ["[eval] 2 step(s): batch 1/3 (Ts)", "[eval] 2 step(s): batch 2/3 (Ts)"]
-    assert lines[-1].startswith("[eval] 2 step(s): fd=")
+    # A budget of 0 s stops the latency timing after its one obligatory round, of the 3 allowed.
+    result = evaluate(model, split, steps=(2,), batch_size=2, latency_batch=2, latency_repeats=3,
+                      latency_budget_s=0.0, log=lines.append)
+    # Without a terminal: the share of the sampler's network evaluations done with the elapsed
+    # time and an ETA, after every call but the last (3 batches of 2 steps), then its scores.
+    progress = [re.sub(r"\(\d+s, ETA \d+:\d\d:\d\d\)", "(Ts, ETA h:mm:ss)", line) for line in lines if "%" in line]
+    assert progress == [f"[eval] 2 step(s): {p} % (Ts, ETA h:mm:ss)" for p in (17, 33, 50, 67, 83)]
+    scores = lines.index(next(line for line in lines if line.startswith("[eval] 2 step(s): fd=")))
+    assert scores == len(progress)
+    # The latency timing states its budget, then gives a line per sampler with its rounds.
+    assert lines[scores + 1:] == ["[eval] latency: timing 1 sampler(s) on a batch of 2, up to 3 round(s), budget 0 s",
+                                  lines[-1]]
+    assert re.fullmatch(r"\[eval\] latency: 2 step\(s\): [\d.]+ ms/sample, median of 1 round\(s\) of 1 call\(s\)",
+                        lines[-1])
+    assert result["steps"]["2"]["latency_rounds"] == result["settings"]["latency_rounds"] == 1
+    assert result["settings"]["latency_budget_s"] == 0.0
+    assert "ms/sample: the median of 1 timed round(s) per sampler, batch 2" in format_table(result)
     assert result["teacher"] is None and "speedup" not in result["steps"]["2"] and "render" not in result
     assert result["settings"]["stage"] == "ss" and "voxels" not in result["settings"]
     assert result["settings"]["teacher_sampler"] is None and result["steps"]["2"]["nfe"] == 2
@@ -109,7 +123,7 @@ def test_evaluate_without_teacher_reports_progress_and_checks_stages(tiny, monke
     lines.clear()
     evaluate(model, split, steps=(2,), batch_size=2, latency_batch=2, latency_repeats=1, log=lines.append)
     assert "[eval] 2 step(s)" in sys.stderr.getvalue() and "/6 " in sys.stderr.getvalue()
-    assert len(lines) == 1 and lines[0].startswith("[eval] 2 step(s): fd=")
+    assert not any("%" in line for line in lines) and lines[0].startswith("[eval] 2 step(s): fd=")
     monkeypatch.undo()
     with pytest.raises(ValueError, match="the teacher is a SLatFlowModel, not a stage-1 SparseStructureFlowModel"):
         evaluate(model, split, teacher=build_model("slat-tiny"), steps=(1,))
@@ -169,6 +183,40 @@ def test_latency_and_speedup_bookkeeping(monkeypatch):
     assert flat == {"eval_fd_1step": 2.0, "eval_speedup_1step": 40.0, "eval_teacher_fd": 1.0}
     with pytest.raises(ValueError, match="settings.stage"):
         flat_metrics({"steps": {}, "teacher": None})
+
+
+def test_a_latency_budget_bounds_the_rounds(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(latency_module.time, "perf_counter", lambda: clock[0])
+    model = _Clocked(clock, 1e-3)
+    cond, noise = torch.zeros(2, 4, 8), torch.randn(2, 1, 4, 4, 4)
+    entries = {"teacher": (model, 25, TEACHER_SAMPLER), "1": (model, 1, STUDENT_SAMPLER)}
+    # On the fake clock the warm-up takes 0.09 s (88 + 2 ms) and a round 0.176 s (88 ms for the
+    # teacher's call, 44 one-step calls of 2 ms): a budget of 0.5 s fits two rounds of the five.
+    lines = []
+    lat = measure_latency(entries, noise, cond, repeats=5, budget_s=0.5, log=lines.append)
+    assert lat.rounds == 2 and lat.calls == {"teacher": 1, "1": 44}
+    assert model.rows == 2 * (44 + 1) + 2 * 2 * (44 + 44)
+    assert lat == pytest.approx({"teacher": 44e-3, "1": 1e-3})
+    assert lines == ["latency: round 1 of 2 (0s, ETA 0:00:00)"]
+    # However small the budget, one round after the warm-up is timed; without one, every repeat.
+    model.rows = 0
+    assert measure_latency(entries, noise, cond, repeats=5, budget_s=0.0).rounds == 1
+    assert model.rows == 2 * (44 + 1) + 2 * (44 + 44)
+    assert measure_latency(entries, noise, cond, repeats=5).rounds == 5
+    with pytest.raises(ValueError, match="budget must be >= 0"):
+        measure_latency(entries, noise, cond, budget_s=-1.0)
+
+
+def test_eval_cli_states_the_latency_budget(capsys):
+    from mdt_ray.eval.report import LATENCY_BUDGET_S
+
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    # The parser writes the default out (its module loads no torch): it must be the library's.
+    assert parser.parse_args(["ckpt.json"]).latency_budget == LATENCY_BUDGET_S
+    parser.print_help()
+    assert "--latency-budget SECONDS" in capsys.readouterr().out
 
 
 def test_cli_resolves_run_checkpoints_and_reports_errors(tiny, tmp_path, capsys):

@@ -2,6 +2,7 @@
 the missing-teacher error, and a few steps of stage-2 teacher pre-training."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ from mdt_ray.flow import num_function_evals
 from mdt_ray.models import build_model, export_trellis
 from mdt_ray.stages import STUDENT_SAMPLER, get_stage
 
+REPO = Path(__file__).resolve().parents[1]
 KEYS = {"feat_mse", "fd", "nfe", "latency_s", "speedup"}
 
 
@@ -78,14 +80,18 @@ def test_slat_eval_end_to_end(tiny, tmp_path, capsys):
     assert not any(k.startswith("eval_iou") for k in logged)
 
 
-def test_slat_eval_needs_a_stage2_teacher(tiny, capsys):
+def test_slat_eval_needs_a_stage2_teacher(tiny, tmp_path, monkeypatch, capsys):
     root, json_path = tiny
     base = ["eval", str(json_path), "--data", str(root / "held"), "--assets", "2", "--steps", "1",
             "--set", "tracking.enabled=false"]
-    assert cli_main(base) == 2
+    assert cli_main([*base, "--out", str(tmp_path / "out")]) == 2
     assert "pass --teacher" in capsys.readouterr().err
-    assert cli_main([*base, "--teacher", "mdt_ray/assets/teacher_ss_demo.json"]) == 2
+    # Without --out the report would go to runs/eval/<checkpoint>-<time> under the working folder;
+    # a run that fails after loading its models (here: a stage-1 teacher) leaves no folder there.
+    monkeypatch.chdir(tmp_path)
+    assert cli_main([*base, "--teacher", str(REPO / "mdt_ray/assets/teacher_ss_demo.json")]) == 2
     assert "not a stage-2 SLatFlowModel" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
     assert checkpoint_stage(json_path).name == "slat"
 
 

@@ -38,7 +38,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None, help="noise seed (default: train.seed)")
     parser.add_argument("--batch", type=int, default=64, help="sampling batch for the quality metrics")
     parser.add_argument("--latency-batch", type=int, default=8, help="batch for the latency timing")
-    parser.add_argument("--latency-repeats", type=int, default=3)
+    parser.add_argument("--latency-repeats", type=int, default=3, help="timed rounds at most (default 3); the "
+                        "median round counts")
+    # The default is mdt_ray.eval.report.LATENCY_BUDGET_S, written out: that module imports torch.
+    parser.add_argument("--latency-budget", type=float, default=120.0, metavar="SECONDS",
+                        help="seconds the latency timing may take, warm-up included: no round starts that would "
+                        "not fit, but one always runs (default 120)")
     parser.add_argument("--render-assets", type=int, default=8, help="columns of the render grid")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -58,8 +63,8 @@ def run(args: argparse.Namespace) -> int:
         teacher_sampler={"steps": args.teacher_steps, "cfg_strength": args.teacher_cfg,
                          "cfg_interval": args.teacher_interval, "rescale_t": args.teacher_rescale_t},
         seed=args.seed, batch=args.batch, latency_batch=args.latency_batch, latency_repeats=args.latency_repeats,
-        render_assets=args.render_assets, device=args.device, threads=args.threads, out=args.out,
-        json_path=args.json_path, run_id=args.run_id)
+        latency_budget=args.latency_budget, render_assets=args.render_assets, device=args.device, threads=args.threads,
+        out=args.out, json_path=args.json_path, run_id=args.run_id)
     print(result.pop("table"), flush=True)
     log.info("[eval] report: %s; renders: %s", out_dir / "eval.json", result.get("render", "-"))
     if args.json_path:

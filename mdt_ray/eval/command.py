@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from mdt_ray.eval.report import evaluate, flat_metrics, format_table, stage_label
+from mdt_ray.eval.report import LATENCY_BUDGET_S, evaluate, flat_metrics, format_table, stage_label
 from mdt_ray.models.teachers import PACKAGED_TEACHER, from_root, resolve_model_path, run_teacher_of
 from mdt_ray.stages import Split, Stage, stage_of_class
 
@@ -83,6 +83,7 @@ def _given(sampler: Optional[dict[str, Any]]) -> dict[str, Any]:
 
 
 def write_report(result: dict[str, Any], out_dir: Path, json_path: Optional[str]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "table.txt").write_text(result["table"] + "\n")
     (out_dir / "eval.json").write_text(json.dumps(result, indent=1))
     if json_path:
@@ -93,7 +94,8 @@ def write_report(result: dict[str, Any], out_dir: Path, json_path: Optional[str]
 def run_eval(cfg, checkpoint: str, *, teacher: Optional[str] = None, data: Optional[str] = None, assets: int = 256,
              steps: Sequence[int] = (1, 2, 4, 25), sampler: Optional[dict[str, Any]] = None,
              teacher_sampler: Optional[dict[str, Any]] = None, seed: Optional[int] = None, batch: int = 64,
-             latency_batch: int = 8, latency_repeats: int = 3, render_assets: int = 8, device: Optional[str] = None,
+             latency_batch: int = 8, latency_repeats: int = 3, latency_budget: Optional[float] = LATENCY_BUDGET_S,
+             render_assets: int = 8, device: Optional[str] = None,
              threads: Optional[int] = None, out: Optional[str] = None, json_path: Optional[str] = None,
              run_id: Optional[str] = None, log: Callable[[str], None] = _print) -> tuple[dict[str, Any], Path]:
     """Evaluate `checkpoint` (a <name>.json, checkpoint dir or run dir) against its teacher on the
@@ -114,8 +116,9 @@ def run_eval(cfg, checkpoint: str, *, teacher: Optional[str] = None, data: Optio
     model = load_trellis(ckpt, device=device)
     teacher_model = load_trellis(teacher_path, device=device) if teacher_path is not None else None
     split = load_held_out(cfg, stage, data_uri, assets)
+    # Made by the first file written into it: a run that fails before (a teacher of the wrong
+    # stage, say) leaves no empty folder behind.
     out_dir = Path(out or f"runs/eval/{ckpt.stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    out_dir.mkdir(parents=True, exist_ok=True)
     renders = stage.decoder(split) is not None
     log(f"[eval] {ckpt} at steps {list(steps)} vs teacher {teacher_path or 'none'} on {len(split)} held-out assets "
         f"of {data_uri} ({device}, stage {stage.name})" + ("" if renders else "; no renders: no exact decoder "
@@ -123,7 +126,8 @@ def run_eval(cfg, checkpoint: str, *, teacher: Optional[str] = None, data: Optio
     result = evaluate(model, split, teacher=teacher_model, steps=steps, sampler=_given(sampler),
                       teacher_sampler=_given(teacher_sampler), seed=cfg.train.seed if seed is None else seed,
                       batch_size=batch, device=device, latency_batch=latency_batch, latency_repeats=latency_repeats,
-                      render_path=out_dir / "renders.png" if renders else None, render_assets=render_assets, log=log)
+                      latency_budget_s=latency_budget, render_path=out_dir / "renders.png" if renders else None,
+                      render_assets=render_assets, log=log)
     result["checkpoint"], result["data"] = str(ckpt), data_uri
     result["teacher_checkpoint"] = str(teacher_path) if teacher_path is not None else None
     result["table"] = format_table(result)
@@ -160,7 +164,8 @@ def log_mlflow(result: dict[str, Any], cfg, out_dir: Path, run_id: Optional[str]
         s = result["settings"]
         params = {"eval.checkpoint": str(ckpt), "eval.teacher": result.get("teacher_checkpoint"),
                   "eval.data": result.get("data"), "eval.assets": s["assets"], "eval.seed": s["seed"],
-                  "eval.device": s["device"], "eval.latency_batch": s["latency_batch"]}
+                  "eval.device": s["device"], "eval.latency_batch": s["latency_batch"],
+                  "eval.latency_budget_s": s["latency_budget_s"]}
         params.update({f"eval.sampler.{k}": v for k, v in s["sampler"].items()})
         params.update({f"eval.teacher_sampler.{k}": v for k, v in (s["teacher_sampler"] or {}).items()})
         tags = {"kind": "eval"}

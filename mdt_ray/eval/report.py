@@ -18,7 +18,8 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from mdt_ray.eval.latency import measure_latency, nfe_ratios, sampler_nfe, speedups
+from mdt_ray import flow
+from mdt_ray.eval.latency import hms, measure_latency, nfe_ratios, sampler_nfe, speedups
 from mdt_ray.eval.render import render_grid
 from mdt_ray.stages import STUDENT_SAMPLER, Split, Stage, get_stage, stage_of_model
 
@@ -26,9 +27,13 @@ Log = Callable[[str], None]
 # How far a measured speed-up may exceed the ratio of network evaluations before it is flagged.
 SPEEDUP_TOLERANCE = 1.1
 
-# Without a terminal (a Ray job's log, CI) a long sampler reports its batches at most this often,
-# so that the log shows it is alive without a line per network call.
+# Without a terminal (a Ray job's log, CI) a long sampler reports its progress and ETA at most this
+# often, so that the log shows it is alive without a line per network call.
 PROGRESS_EVERY_S = 30.0
+# Seconds the latency timing may take, warm-up included, before it stops starting new rounds. By
+# the README's timings (teacher 0.8-1.0 s a sample at 25 steps, batch 8) a round of the demo's
+# three samplers takes about 25 s, so the default 3 rounds fit on an idle 2-core machine.
+LATENCY_BUDGET_S = 120.0
 
 
 @dataclass
@@ -51,30 +56,32 @@ class _Run:
 
 
 class _Progress:
-    """A sampler's network that counts its calls (one per Euler step and batch): a tqdm bar when
-    stderr is a terminal, else a line per finished batch at most every PROGRESS_EVERY_S."""
+    """A sampler's network that counts the samples it evaluates: a tqdm bar over Euler steps when
+    stderr is a terminal, else a line with the share done and an ETA at most every
+    PROGRESS_EVERY_S. Guided steps evaluate twice the rows, so the share counts rows, not calls."""
 
-    def __init__(self, net: Any, run: _Run, batches: int, log: Optional[Log]):
-        self.net, self.label, self.steps, self.batches, self.log = net, run.label, run.steps, batches, log
-        self.calls, self.start = 0, time.perf_counter()
+    def __init__(self, net: Any, run: _Run, assets: int, batch_size: int, log: Optional[Log]):
+        self.net, self.label, self.log = net, run.label, log
+        self.total = assets * sampler_nfe(run.steps, run.sampler)
+        self.rows, self.start = 0, time.perf_counter()
         self.last = self.start
         self.bar = None
         if log is not None and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=batches * run.steps, desc=f"[eval] {run.label}", unit="step", leave=False,
-                            dynamic_ncols=True, file=sys.stderr)
+            self.bar = tqdm(total=-(-assets // batch_size) * run.steps, desc=f"[eval] {run.label}", unit="step",
+                            leave=False, dynamic_ncols=True, file=sys.stderr)
 
     def __call__(self, x, t, cond):
         out = self.net(x, t, cond)
-        self.calls += 1
+        self.rows += flow.batch_size(x)
+        now = time.perf_counter()
         if self.bar is not None:
             self.bar.update(1)
-        elif self.log is not None and self.calls % self.steps == 0:
-            done, now = self.calls // self.steps, time.perf_counter()
-            if done < self.batches and now - self.last >= PROGRESS_EVERY_S:
-                self.last = now
-                self.log(f"[eval] {self.label}: batch {done}/{self.batches} ({now - self.start:.0f}s)")
+        elif self.log is not None and self.rows < self.total and now - self.last >= PROGRESS_EVERY_S:
+            self.last, elapsed = now, now - self.start
+            self.log(f"[eval] {self.label}: {100 * self.rows / self.total:.0f} % ({elapsed:.0f}s, ETA "
+                     f"{hms(elapsed * (self.total - self.rows) / self.rows)})")
         return out
 
     def close(self) -> None:
@@ -114,7 +121,7 @@ def _sample_and_score(split: Split, noise: Any, run: _Run, batch_size: int, devi
                       log: Optional[Log]) -> tuple[np.ndarray, dict[str, Any]]:
     stage = split.stage
     t0 = time.perf_counter()
-    net = _Progress(run.model, run, -(-len(split) // batch_size), log)
+    net = _Progress(run.model, run, len(split), batch_size, log)
     try:
         samples = stage.generate(net, split, noise, steps=run.steps, sampler=run.sampler, batch_size=batch_size,
                                  device=device)
@@ -128,24 +135,37 @@ def _sample_and_score(split: Split, noise: Any, run: _Run, batch_size: int, devi
 
 
 def _add_latency(scored: dict[str, dict[str, Any]], runs: list[_Run], split: Split, noise: Any, m: int,
-                 device: torch.device, repeats: int, log: Optional[Log]) -> None:
+                 device: torch.device, repeats: int, budget_s: Optional[float], log: Optional[Log]) -> int:
+    """Time every run on the first `m` assets into scored[name]["latency_s"] (and the speed-up
+    over the teacher); returns the rounds each median is of."""
     x, cond = split.stage.sampler_input(split, noise, 0, m, device)
     entries = {r.name: (r.model, r.steps, r.sampler) for r in runs}
-    latency = measure_latency(entries, x, cond, repeats=repeats)
+    if log is not None:
+        budget = "no time budget" if budget_s is None else f"budget {budget_s:g} s"
+        log(f"[eval] latency: timing {len(runs)} sampler(s) on a batch of {m}, up to {repeats} round(s), {budget}")
+    latency = measure_latency(entries, x, cond, repeats=repeats, budget_s=budget_s,
+                              log=None if log is None else lambda line: log(f"[eval] {line}"))
+    for run in runs:
+        entry = scored[run.name]
+        entry["latency_s"], entry["latency_rounds"] = latency[run.name], latency.rounds
+        entry["latency_calls_per_round"] = latency.calls[run.name]
+        # Interleaved, every sampler ends its last round together: a line each, in run order.
+        if log is not None:
+            log(f"[eval] latency: {run.label}: {latency[run.name] * 1e3:.2f} ms/sample, median of {latency.rounds} "
+                f"round(s) of {latency.calls[run.name]} call(s)")
     if "teacher" not in latency:
-        for name, entry in scored.items():
-            entry["latency_s"] = latency[name]
-        return
+        return latency.rounds
     ups, bounds = speedups(latency, "teacher"), nfe_ratios(entries, "teacher")
     for name, entry in scored.items():
-        entry["latency_s"], entry["speedup"] = latency[name], ups[name]
+        entry["speedup"] = ups[name]
         # Same network size, device and batch: no sampler can beat the ratio of evaluations by
         # more than timing noise, so a speed-up above it says the timing is not to be trusted.
         entry["speedup_suspect"] = bool(ups[name] > SPEEDUP_TOLERANCE * bounds[name])
         if entry["speedup_suspect"] and log is not None:
             log(f"[eval] warning: the {name}-step speed-up {ups[name]:.1f}x exceeds the ratio of network "
                 f"evaluations ({bounds[name]:.1f}x); the latency timing was disturbed (machine load?), rerun "
-                "with more --latency-repeats on an idle machine")
+                "with more --latency-repeats (and --latency-budget) on an idle machine")
+    return latency.rounds
 
 
 def _render(split: Split, generated: dict[str, np.ndarray], runs: list[_Run], path: str | Path, assets: int) -> Path:
@@ -175,6 +195,7 @@ def evaluate(
     device: torch.device | str = "cpu",
     latency_batch: int = 8,
     latency_repeats: int = 3,
+    latency_budget_s: Optional[float] = LATENCY_BUDGET_S,
     render_path: Optional[str | Path] = None,
     render_assets: int = 8,
     log: Optional[Log] = None,
@@ -183,7 +204,9 @@ def evaluate(
 
     `sampler` and `teacher_sampler` override STUDENT_SAMPLER and the stage's teacher sampler.
     Latency is timed on the first `latency_batch` assets, every sampler interleaved on the same
-    device (`measure_latency`); the speed-up of each is the teacher's latency over its own.
+    device (`measure_latency`), in up to `latency_repeats` rounds while `latency_budget_s` lasts
+    (None: no bound); each entry says how many rounds its median is of. The speed-up of each is
+    the teacher's latency over its own.
     Renders are written to `render_path` when the split's stage decodes it to voxels.
     """
     stage, device = split.stage, torch.device(device)
@@ -203,14 +226,15 @@ def evaluate(
     if teacher is not None:
         scored["teacher"]["steps"] = int(teacher_sampler["steps"])
     m = max(1, min(latency_batch, len(split)))
-    _add_latency(scored, runs, split, noise, m, device, latency_repeats, log)
+    rounds = _add_latency(scored, runs, split, noise, m, device, latency_repeats, latency_budget_s, log)
     result: dict[str, Any] = {"steps": {r.name: scored[r.name] for r in runs if r.name != "teacher"},
                               "teacher": scored.get("teacher")}
     if render:
         result["render"] = str(_render(split, generated, runs, render_path, render_assets))
     result["settings"] = {
         "stage": stage.name, "assets": len(split), **split.stage.report_settings(split), "seed": seed, "device": str(device),
-        "latency_batch": m, "latency_repeats": latency_repeats, "sampler": _jsonable(sampler),
+        "latency_batch": m, "latency_repeats": latency_repeats, "latency_budget_s": latency_budget_s,
+        "latency_rounds": rounds, "sampler": _jsonable(sampler),
         "teacher_sampler": _jsonable(teacher_sampler) if teacher is not None else None,
     }
     return result
@@ -230,6 +254,7 @@ def format_table(result: dict[str, Any]) -> str:
     head = (f"{'sampler':<22}{'NFE':>5}" + "".join(f"{title:>{width}}" for _, title, width, _ in columns)
             + f"{'ms/sample':>11}{'speed-up':>10}")
     lines = [head, "-" * len(head)]
+    settings = result.get("settings") or {}
 
     def row(label: str, e: dict[str, Any]) -> str:
         cells = [f"{label:<22}", f"{e.get('nfe', 0):>5d}"]
@@ -242,10 +267,13 @@ def format_table(result: dict[str, Any]) -> str:
 
     if result.get("teacher"):
         t = result["teacher"]
-        w = (result.get("settings") or {}).get("teacher_sampler") or {}
+        w = settings.get("teacher_sampler") or {}
         lines.append(row(f"teacher {t.get('steps', '')} (cfg {w.get('cfg_strength', '?')})", t))
     for k, e in result["steps"].items():
         lines.append(row(f"checkpoint {k} step" + ("s" if int(k) > 1 else ""), e))
+    if "latency_rounds" in settings:
+        lines.append(f"ms/sample: the median of {settings['latency_rounds']} timed round(s) per sampler, batch "
+                     f"{settings['latency_batch']}")
     if any(e.get("speedup_suspect") for e in result["steps"].values()):
         lines.append("? a speed-up above the ratio of network evaluations: the timing was disturbed; rerun it")
     return "\n".join(lines)
