@@ -19,6 +19,8 @@ them on every jobs/configs/trellis_*.yaml. From the repository root: `python clu
 from __future__ import annotations
 
 import copy
+import functools
+import importlib.util
 import logging
 import math
 import re
@@ -47,6 +49,7 @@ RAY_DATA_MIN_SPARE_CPUS = 1
 GPU_PRODUCT_LABEL = "nvidia.com/gpu.product"
 # The script that copies TRELLIS checkpoints onto a node (cluster/fetch_models.py SRC DEST).
 FETCH_SCRIPT = "fetch_models.py"
+FETCH_FILE = REPO / "cluster" / FETCH_SCRIPT
 
 # Hardware of the EC2 types aws.yaml may use: vCPUs, GPUs, and the GPU's NVML device name (Ray
 # derives its accelerator_type from that name). A launcher node type may declare fewer CPUs than
@@ -130,13 +133,49 @@ def accelerator_of(resources: dict[str, Any]) -> Optional[str]:
     return names[0] if names else None
 
 
-def fetch_destination(argv: Iterable[str]) -> Optional[str]:
-    """DEST of a `... fetch_models.py SRC DEST` command, or None."""
+def fetch_arguments(argv: Iterable[str]) -> Optional[list[str]]:
+    """The arguments after fetch_models.py in a command that runs it, or None."""
     args = list(argv)
     for i, arg in enumerate(args):
-        if arg.endswith(FETCH_SCRIPT) and i + 2 < len(args):
-            return args[i + 2].rstrip("/")
+        if arg.endswith(FETCH_SCRIPT):
+            return args[i + 1:]
     return None
+
+
+def fetch_destination(argv: Iterable[str]) -> Optional[str]:
+    """DEST of a `... fetch_models.py SRC DEST` command, or None."""
+    args = fetch_arguments(argv)
+    return args[1].rstrip("/") if args and len(args) == 2 else None
+
+
+@functools.cache
+def fetch_models():
+    """cluster/fetch_models.py as a module (cluster/ is a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location("mdt_cluster_fetch_models", FETCH_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fetch_problems(argvs: Iterable[Iterable[str]]) -> list[str]:
+    """What fetch_models.py would refuse in those of these commands that run it: not SRC DEST, a
+    SRC it cannot read (its own parse_source says why), a DEST that is no absolute path."""
+    problems = []
+    for argv in argvs:
+        args = fetch_arguments(argv)
+        if args is None:
+            continue
+        if len(args) != 2:
+            problems.append(f"{FETCH_SCRIPT} takes SRC DEST, got {args}")
+            continue
+        src, dest = args
+        try:
+            fetch_models().parse_source(src)
+        except ValueError as e:
+            problems.append(f"{FETCH_SCRIPT} SRC {src!r}: {e}")
+        if not dest.startswith("/"):
+            problems.append(f"{FETCH_SCRIPT} DEST {dest!r} is not an absolute path")
+    return problems
 
 
 def entrypoint_config(entrypoint: str) -> tuple[Path, list[str]]:
@@ -284,6 +323,10 @@ def launcher_problems(cluster: dict[str, Any], pin: Optional[str] = None) -> lis
             problems.append(f"{name}: declares accelerator_type:{have}, but Ray detects {want} on "
                             f"{instance} ({device})")
 
+    commands = [*prepared.get("head_setup_commands", []), *prepared.get("worker_setup_commands", [])]
+    commands += [c for t in node_types.values() for c in t.get("worker_setup_commands", [])]
+    problems += fetch_problems(shlex.split(c) for c in commands)
+
     groups = launcher_groups(prepared)
     if not any(g.gpus == 0 and g.max_nodes > 0 for g in groups):
         problems.append("no CPU-only worker type for Ray Data ingest")
@@ -407,6 +450,9 @@ def kuberay_problems(cluster_spec: dict[str, Any], pin: Optional[str] = None) ->
             problems.append(f"{name}: GPU group without a {GPU_PRODUCT_LABEL} node selector may "
                             "land on any GPU model")
     problems += project_image_problems(images, pin)
+    pods = [head.get("template", {}).get("spec", {}), *(g.get("template", {}).get("spec", {}) for g in groups)]
+    problems += fetch_problems([*c.get("command", []), *c.get("args", [])]
+                               for pod in pods for c in pod.get("initContainers", []))
 
     try:
         view = kuberay_view(cluster_spec)

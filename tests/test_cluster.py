@@ -8,6 +8,10 @@
   cluster/README.md ("What agree means") and implemented by cluster/check.py; the negative tests
   change one side in memory and expect the check to say what broke.
 
+- cluster/fetch_models.py copies an S3 prefix from a real S3 server on loopback (moto), once, and
+  a Hub id from a local Hub cache with HF_HUB_OFFLINE=1; bad sources and dead endpoints are one
+  line and exit status 2.
+
 No cluster, cloud account or network is needed.
 """
 
@@ -16,7 +20,9 @@ from __future__ import annotations
 import copy
 import importlib.util
 import re
+import socket
 import sys
+import time
 from pathlib import Path
 
 import jsonschema
@@ -24,12 +30,13 @@ import pytest
 import yaml
 
 from mdt_ray.config import load_config
+from tests.test_pipeline import REPO as HUB_REPO, REV as HUB_REV, hub  # noqa: F401  (hub: a fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _module(name: str, path: Path):
-    # cluster/ is a folder of files for users, not a package; load its two scripts by path.
+    # cluster/ is a folder of files for users, not a package; load check.py by path.
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -38,7 +45,7 @@ def _module(name: str, path: Path):
 
 
 check = _module("mdt_cluster_check", REPO / "cluster" / "check.py")
-fetch_models = _module("mdt_cluster_fetch_models", REPO / "cluster" / "fetch_models.py")
+fetch_models = check.fetch_models()  # the module check.py reads the fetch commands with
 
 TRELLIS_CONFIGS = check.trellis_configs()
 SS_LARGE = REPO / "jobs" / "configs" / "trellis_ss_large.yaml"
@@ -341,35 +348,118 @@ def test_check_catches_cpu_training_on_gpu_cluster(raycluster):
 # --- cluster/fetch_models.py --------------------------------------------------------------------
 
 
-def test_fetch_models_copies_a_prefix_once(tmp_path, monkeypatch):
-    moto = pytest.importorskip("moto")
-    import boto3
+def test_fetch_commands_are_checked(launcher, raycluster):
+    # Every cluster file's fetch command is one fetch_models.py accepts ...
+    assert check.fetch_problems([["python", "fetch_models.py", "microsoft/TRELLIS-image-large@v1", "/mnt/m"]]) == []
+    # ... and one it would refuse is reported, with fetch_models.py's own reason.
+    bad = copy.deepcopy(launcher)
+    bad["head_setup_commands"] = ["python /x/fetch_models.py /data/TRELLIS-image-large/ckpts models/ckpts"]
+    assert [p for p in check.launcher_problems(bad) if "fetch_models.py" in p] == [
+        "fetch_models.py SRC '/data/TRELLIS-image-large/ckpts': SRC is neither an s3://bucket/prefix URI nor a "
+        "Hugging Face repository id owner/name[@revision]",
+        "fetch_models.py DEST 'models/ckpts' is not an absolute path"]
+    bad["head_setup_commands"] = ["python /x/fetch_models.py s3:///ckpts /mnt/models/ckpts"]
+    assert any("s3 URI without a bucket" in p for p in check.launcher_problems(bad))
+    spec = copy.deepcopy(raycluster["spec"])
+    init = _gpu_group(spec)["template"]["spec"]["initContainers"][0]
+    init["command"] = init["command"][:-1]  # DEST left out
+    assert any("takes SRC DEST" in p for p in check.kuberay_problems(spec))
 
-    for key in ("AWS_ENDPOINT_URL", "AWS_PROFILE"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    with moto.mock_aws():
-        s3 = boto3.client("s3", region_name="us-east-1")
-        s3.create_bucket(Bucket="models")
-        s3.put_object(Bucket="models", Key="ckpts/ss.json", Body=b"{}")
-        s3.put_object(Bucket="models", Key="ckpts/ss.safetensors", Body=b"w" * 100)
-        s3.put_object(Bucket="models", Key="ckpts/dec/slat.safetensors", Body=b"d" * 10)
-        s3.put_object(Bucket="models", Key="ckpts-old/stale.json", Body=b"not this one")
-        dest = (tmp_path / "models").resolve()
 
-        written = fetch_models.fetch("s3://models/ckpts", dest, client=s3)
-        assert sorted(p.relative_to(dest).as_posix() for p in written) == [
-            "dec/slat.safetensors", "ss.json", "ss.safetensors"]
-        assert (dest / "ss.safetensors").read_bytes() == b"w" * 100
-        assert fetch_models.fetch("s3://models/ckpts/", dest, client=s3) == []  # already there
+def _put(endpoint: str, bucket: str, objects: dict[str, bytes]) -> None:
+    from tests.s3_server import client
 
-        (dest / "ss.safetensors").write_bytes(b"w" * 7)  # a truncated copy is replaced
-        assert fetch_models.fetch("s3://models/ckpts/", dest, client=s3) == [dest / "ss.safetensors"]
-        assert not [p for p in dest.rglob(".*")]  # no temporary files left behind
+    s3 = client(endpoint)
+    for key, body in objects.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
 
-        with pytest.raises(FileNotFoundError):
-            fetch_models.fetch("s3://models/nothing/", dest, client=s3)
-    with pytest.raises(ValueError):
-        fetch_models.split_s3_uri("/local/path")
+
+def _mtimes(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file()}
+
+
+def test_fetch_models_copies_a_prefix_once(s3_server, s3_bucket, tmp_path, capsys):
+    _put(s3_server, s3_bucket, {"ckpts/ss.json": b"{}", "ckpts/ss.safetensors": b"w" * 100,
+                                "ckpts/dec/": b"",  # a folder marker object, not a file
+                                "ckpts/dec/slat.safetensors": b"d" * 10, "ckpts-old/stale.json": b"not this one"})
+    dest = tmp_path / "models"
+
+    assert fetch_models.main([f"s3://{s3_bucket}/ckpts", str(dest)]) == 0
+    assert sorted(_mtimes(dest)) == ["dec/slat.safetensors", "ss.json", "ss.safetensors"]
+    assert (dest / "ss.safetensors").read_bytes() == b"w" * 100
+    assert "3 file(s) written" in capsys.readouterr().out
+
+    before = _mtimes(dest)
+    assert fetch_models.main([f"s3://{s3_bucket}/ckpts/", str(dest)]) == 0  # already there
+    assert "0 file(s) written" in capsys.readouterr().out
+    assert _mtimes(dest) == before
+
+    (dest / "ss.safetensors").write_bytes(b"w" * 7)  # a copy cut short is fetched again
+    assert fetch_models.fetch(f"s3://{s3_bucket}/ckpts/", dest) == [(dest / "ss.safetensors").resolve()]
+    assert (dest / "ss.safetensors").read_bytes() == b"w" * 100
+
+
+@pytest.mark.parametrize("src, says", [
+    ("s3://{bucket}/nothing/", "no files under s3://{bucket}/nothing"),
+    ("s3://{bucket}/ckpts/ss.json", "is a single file"),
+    ("s3://mdt-no-such-bucket/ckpts", "bucket 'mdt-no-such-bucket' does not exist"),
+    ("s3:///ckpts", "without a bucket"),
+    ("/mnt/elsewhere/ckpts", "neither an s3://bucket/prefix URI nor a Hugging Face repository id"),
+])
+def test_fetch_models_bad_sources_are_one_line(s3_server, s3_bucket, tmp_path, capsys, src, says):
+    _put(s3_server, s3_bucket, {"ckpts/ss.json": b"{}"})
+    src = src.format(bucket=s3_bucket)
+    assert fetch_models.main([src, str(tmp_path / "models")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"fetch_models.py: error: {src}: ")
+    assert says.format(bucket=s3_bucket) in err
+
+
+def _closed_port() -> int:
+    """A loopback port that nothing listens on: connections to it are refused at once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fetch_models_dead_endpoint_fails_fast(tmp_path, monkeypatch, capsys):
+    port = _closed_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    assert fetch_models.main(["s3://models/ckpts", str(tmp_path / "models")]) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"127.0.0.1:{port}" in err and "unreachable" in err
+
+
+def test_fetch_models_takes_a_hub_id_from_the_cache_offline(hub, tmp_path, capsys):
+    # HF_HUB_OFFLINE=1 (the hub fixture): the repository comes from the local Hub cache.
+    dest = tmp_path / "models"
+    assert fetch_models.main([HUB_REPO, str(dest)]) == 0
+    cached = sorted(p.relative_to(hub).as_posix() for p in hub.rglob("*") if p.is_file())
+    assert sorted(_mtimes(dest)) == cached and "ckpts/ss_flow_img_dit_L_16l8_fp16.safetensors" in cached
+    assert (dest / "pipeline.json").read_bytes() == (hub / "pipeline.json").read_bytes()
+    assert f"{len(cached)} file(s) written" in capsys.readouterr().out
+
+    before = _mtimes(dest)
+    assert fetch_models.main([f"{HUB_REPO}@{HUB_REV}", str(dest)]) == 0  # a revision; nothing to copy
+    assert "0 file(s) written" in capsys.readouterr().out and _mtimes(dest) == before
+
+    assert fetch_models.main(["microsoft/TRELLIS-not-cached", str(dest)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "microsoft/TRELLIS-not-cached" in err and "LocalEntryNotFoundError" in err
+
+
+def test_fetch_models_unreachable_hub_fails_fast(tmp_path, monkeypatch, capsys):
+    import huggingface_hub.constants as hf
+
+    port = _closed_port()
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setattr(hf, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "ENDPOINT", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    assert fetch_models.main([HUB_REPO, str(tmp_path / "models")]) == 2
+    assert time.monotonic() - start < 30
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and HUB_REPO in err and f"127.0.0.1:{port}" in err, err

@@ -32,12 +32,20 @@ class PipelineError(ModelPathError):
     """A pipeline folder or Hub id that does not give what was asked of it; the message says why."""
 
 
+def split_hub_id(spec: str) -> Optional[tuple[str, Optional[str]]]:
+    """(repository, revision or None) of a Hub id `owner/name[@revision]`; None for anything else."""
+    if not _HUB_ID.match(spec):
+        return None
+    repo, _, revision = spec.partition("@")
+    return repo, revision or None
+
+
 def is_pipeline(spec: str) -> bool:
     """Whether `spec` names a pipeline: a folder holding pipeline.json, or a Hub id that is no local path."""
     p = from_root(spec)
     if p.is_dir():
         return (p / "pipeline.json").is_file()
-    return not p.exists() and not spec.endswith(".json") and bool(_HUB_ID.match(spec))
+    return not p.exists() and not spec.endswith(".json") and split_hub_id(spec) is not None
 
 
 def _hub_download(spec: str, filename: str) -> Path:
@@ -45,9 +53,9 @@ def _hub_download(spec: str, filename: str) -> Path:
     import huggingface_hub
     from huggingface_hub import errors
 
-    repo, _, revision = spec.partition("@")
+    repo, revision = split_hub_id(spec)
     try:
-        return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision or None))
+        return Path(huggingface_hub.hf_hub_download(repo, filename, revision=revision))
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError, errors.EntryNotFoundError,
             errors.LocalEntryNotFoundError) as e:
         where = huggingface_hub.constants.HF_HUB_CACHE
@@ -64,7 +72,7 @@ def read_pipeline(spec: str) -> tuple[dict[str, Any], Path]:
         path = p / "pipeline.json"
         if not path.is_file():
             raise PipelineError(f"{p} is not a TRELLIS pipeline folder: no pipeline.json in it")
-    elif _HUB_ID.match(spec) and not p.exists():
+    elif split_hub_id(spec) is not None and not p.exists():
         path = _hub_download(spec, "pipeline.json")
     else:
         raise PipelineError(f"{spec}: neither a TRELLIS pipeline folder nor a Hugging Face repository id (owner/name)")
@@ -164,8 +172,8 @@ def _base_folder(spec: str) -> Path:
     read_pipeline(spec)  # a missing repo or pipeline.json is a one-line PipelineError
     import huggingface_hub
 
-    repo, _, revision = spec.partition("@")
-    return Path(huggingface_hub.snapshot_download(repo, revision=revision or None))
+    repo, revision = split_hub_id(spec)
+    return Path(huggingface_hub.snapshot_download(repo, revision=revision))
 
 
 def export_pipeline(base: str, students: dict[str, str], steps: int, out: str | os.PathLike) -> Path:
