@@ -44,10 +44,16 @@ def _one(job: tuple[str, str, int, int, list[int], str]) -> str:
     from mdt_ray.benchmark.study import run_file, study_run
 
     recipe, teacher, seed, steps, eval_at, out = job
-    result = study_run(_BENCH["bench"], recipe, teacher=teacher, steps=steps, seed=seed, eval_at=eval_at,
-                       log=lambda line: print(line, flush=True))
     path = run_file(Path(out), recipe, teacher, seed)
-    path.write_text(json.dumps(result, indent=0))
+
+    def write(result: dict) -> None:
+        # After every score, so a run cut short keeps its measured points (marked "partial").
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=0))
+        tmp.replace(path)
+
+    study_run(_BENCH["bench"], recipe, teacher=teacher, steps=steps, seed=seed, eval_at=eval_at,
+              log=lambda line: print(line, flush=True), on_eval=write)
     return str(path)
 
 

@@ -257,7 +257,8 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mdt_ray.train.launch import Tracking, launch
+    from mdt_ray.train.launch import RunError, Tracking, failure_line, launch
+    from mdt_ray.train.loop import is_deterministic
 
     context = tune.get_context()
     name, trial_id = context.get_trial_name(), context.get_trial_id()
@@ -269,9 +270,23 @@ def _trial(params: dict[str, Any], *, tree: dict[str, Any], parent_run_id: Optio
     tracking = Tracking(tracking_uri, experiment, parent_run_id=parent_run_id, params={"trial": name},
                         tags={"mdt_ray.sweep": sweep_name, "mdt_ray.trial_id": trial_id,
                               "mdt_ray.driver_node": ray.get_runtime_context().get_node_id()}, close=False)
-    # Always resumable: a trial Tune retries (sweep.max_failures) finds its own run directory
-    # and continues it from its latest checkpoint; a new trial has none and starts fresh.
-    launch(cfg, resume=True, tracking=tracking, callbacks=[TuneReportCallback()], driver_cpus=driver_cpus)
+    # Tune 2.60 retries every trial error up to max_failures and has no public way to mark one
+    # final; an attempt that failed on bad input leaves a note, and Tune's retry of it ends at once.
+    final_note = Path(context.get_trial_dir()) / FINAL_ERROR_NOTE
+    if final_note.is_file():
+        raise RunError(f"trial {name}: not retried, a restart would fail the same way: "
+                       f"{final_note.read_text().strip()}")
+    try:
+        # Always resumable: a trial Tune retries (sweep.max_failures) finds its own run directory
+        # and continues it from its latest checkpoint; a new trial has none and starts fresh.
+        launch(cfg, resume=True, tracking=tracking, callbacks=[TuneReportCallback()], driver_cpus=driver_cpus)
+    except Exception as e:
+        if is_deterministic(e):
+            final_note.write_text(failure_line(e) + "\n")
+        raise
+
+
+FINAL_ERROR_NOTE = "mdt_ray_final_error.txt"
 
 
 def trial_config(tree: dict[str, Any], params: dict[str, Any], name: str, storage_path: str) -> Config:
@@ -393,7 +408,7 @@ def _best(results, spec: SweepSpec, trials: list[dict[str, Any]]) -> Optional[di
 
 def check_inputs(cfg: Config, spec: SweepSpec) -> None:
     """What every trial would fail on, found on the driver before Ray starts: the sweep's store
-    and the base config's corpora (those the search space does not vary)."""
+    and the corpora, the base config's and each one the search space lists."""
     from mdt_ray.data.schema import read_manifest
     from mdt_ray.data.storage import StorageTarget
     from mdt_ray.train.launch import naming
@@ -401,9 +416,12 @@ def check_inputs(cfg: Config, spec: SweepSpec) -> None:
     with naming("sweep.storage_path"):
         StorageTarget.from_data_config(cfg.data, spec.storage_path).check_bucket()
     for key, uri in (("data.uri", cfg.data.uri), ("data.eval_uri", cfg.data.eval_uri)):
-        if uri and key not in spec.space:
-            with naming(key):
-                read_manifest(StorageTarget.from_data_config(cfg.data, uri))
+        domain = spec.space.get(key)
+        listed = domain.candidates() if domain is not None and (domain.grid or domain.choice) else [uri]
+        for i, value in enumerate(listed):
+            if value:
+                with naming(f"sweep.space.{key}[{i}]" if domain is not None else key):
+                    read_manifest(StorageTarget.from_data_config(cfg.data, value))
 
 
 def _start_parent(uri: str, cfg: Config, spec: SweepSpec) -> str:

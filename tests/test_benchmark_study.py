@@ -37,10 +37,14 @@ def test_a_study_run_scores_every_eval_step_and_logs_what_the_loss_sees(bench):
     from mdt_ray.benchmark.study import study_run
 
     lines: list[str] = []
+    kept: list[dict] = []
     a = study_run(bench, "mdt", teacher="exact", steps=4, seed=0, eval_at=[2, 99], batch_size=2, log_every=2,
-                  log=lines.append)
+                  log=lines.append, on_eval=kept.append)
     # Scored at 2 and at the end (99 is past the run), at 1, 2 and 4 sampler steps each.
     assert set(a["evals"]) == {"2", "4"} and all(set(e) == {"1", "2", "4"} for e in a["evals"].values())
+    # What was measured is handed out after each score: the first time marked partial.
+    assert [set(k["evals"]) for k in kept] == [{"2"}, {"2", "4"}]
+    assert kept[0]["partial"] == "stopped at step 2 of 4" and "partial" not in kept[1] and "partial" not in a
     assert len(lines) == 2 and "ETA" in lines[0]
     row = a["curve"][-1]
     assert row["step"] == 4

@@ -124,3 +124,56 @@ def test_shipped_sweep_config_validates_and_fits_two_cores():
     # As shipped, on the 2-core CI machine: one trial at a time, with a whole CPU left for its
     # Ray Data read tasks (tests/test_shipped_configs.py runs it there).
     assert spec.max_concurrent_trials == "auto" and fit_concurrency(cfg, spec, {"CPU": 2.0}) == 1
+
+
+def test_each_corpus_the_space_lists_is_checked_before_ray_starts(corpus, tmp_path):
+    from mdt_ray.data.schema import CorpusError
+    from mdt_ray.tune import check_inputs
+
+    missing = tmp_path / "no-corpus"
+    path = _sweep_file(tmp_path, corpus, {"name": "uris", "space": {
+        "data.uri": {"grid": [f"{corpus}/train", str(missing)]}}})
+    cfg, spec, _ = load_sweep(path)
+    with pytest.raises(CorpusError, match=r"sweep\.space\.data\.uri\[1\]: .*no-corpus"):
+        check_inputs(cfg, spec)
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_a_deterministic_error_is_found_through_ray_trains_wrapping():
+    from mdt_ray.models.teachers import ModelPathError
+    from mdt_ray.train.launch import RunError
+    from mdt_ray.train.loop import DeterministicFailure, is_deterministic
+
+    class ControllerError(Exception):  # Ray Train 2.60's shape: the cause in controller_failure
+        def __init__(self, failure):
+            super().__init__("controller failed")
+            self.controller_failure = failure
+
+    def raised(inner):
+        try:
+            raise RunError("run 'x' failed") from inner
+        except RunError as e:
+            return e
+
+    assert is_deterministic(raised(ControllerError(DeterministicFailure("rank 0: ConfigError: bad"))))
+    assert is_deterministic(raised(ModelPathError("model.teacher: no file")))
+    assert not is_deterministic(raised(ControllerError(RuntimeError("worker died"))))
+    assert not is_deterministic(raised(OSError("connection reset")))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_trial_that_fails_on_bad_input_is_not_retried(ray_local, corpus, tmp_path):
+    missing = tmp_path / "missing-teacher.json"
+    path = _sweep_file(tmp_path, corpus, {
+        "name": "bad-teacher", "search": "grid", "scheduler": {"type": "none"}, "max_failures": 2,
+        "max_concurrent_trials": 1, "space": {"model.teacher": {"grid": [str(missing)]}},
+    }, **{"data.eval_uri": None})
+    cfg, spec, tree = load_sweep(path)
+    out = run_sweep(cfg, spec, tree)
+    (trial,) = out["trials"]
+    assert trial["status"] == "ERROR"
+    assert "not retried" in trial["error"] and "missing-teacher.json" in trial["error"]
+    # Every retry Tune made ended at the note, so the run itself started once: one MLflow child.
+    _, parent, children = _children(tmp_path, out["parent_run_id"])
+    assert parent.info.status == "FAILED" and [c.info.status for c in children] in ([], ["FAILED"])

@@ -74,8 +74,10 @@ def _configs(settings: dict[str, Any], steps: int, seed: int, batch_size: int):
 
 def study_run(bench: Bench, recipe: str, *, teacher: str, steps: int, seed: int, eval_at=EVAL_AT,
               batch_size: int = 8, log_every: int = 10, log: Callable[[str], None] = print,
-              settings: Optional[dict[str, Any]] = None) -> dict[str, Any]:
-    """Train `recipe` for `steps` and score it at each of `eval_at` (≤ steps) and at the end."""
+              settings: Optional[dict[str, Any]] = None,
+              on_eval: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
+    """Train `recipe` for `steps` and score it at each of `eval_at` (≤ steps) and at the end;
+    `on_eval` gets the result so far after each score (a long run keeps what it has measured)."""
     from mdt_ray.engine import Engine
     from mdt_ray.models.teachers import student_from
     from mdt_ray.objectives import NUM_T_BINS
@@ -97,6 +99,13 @@ def study_run(bench: Bench, recipe: str, *, teacher: str, steps: int, seed: int,
     bins = torch.zeros(2, NUM_T_BINS)
     evals: dict[str, Any] = {}
     t0, n = time.perf_counter(), 0
+    def result(done: int) -> dict[str, Any]:
+        return {"recipe": recipe, "teacher": teacher, "seed": seed, "steps": steps, "batch_size": batch_size,
+                "settings": {**COMMON, **settings}, "evals": dict(evals), "curve": list(curve),
+                "seconds": time.perf_counter() - t0, "test_assets": len(bench.test),
+                "weights": "the trained weights (no EMA)" if engine.ema is None else engine.ema.describe(),
+                **({} if done == steps else {"partial": f"stopped at step {done} of {steps}"})}
+
     for step in range(steps):
         idx, _epoch = next(order)
         measured, grad_norm = engine.step(bench.train.batch(idx), step)
@@ -118,10 +127,9 @@ def study_run(bench: Bench, recipe: str, *, teacher: str, steps: int, seed: int,
                 f"{elapsed / done * (steps - done) / 60:.1f} min): "
                 + " | ".join(f"{k} step p={v['precision']:.3f} c={v['coverage']:.3f} iou={v['iou']:.3f}"
                              for k, v in scores.items()))
-    return {"recipe": recipe, "teacher": teacher, "seed": seed, "steps": steps, "batch_size": batch_size,
-            "settings": {**COMMON, **settings}, "evals": evals, "curve": curve, "seconds": time.perf_counter() - t0,
-            "test_assets": len(bench.test), "weights": "the trained weights (no EMA)" if engine.ema is None
-            else engine.ema.describe()}
+            if on_eval is not None:
+                on_eval(result(done))
+    return result(steps)
 
 
 def run_file(out: Path, recipe: str, teacher: str, seed: int) -> Path:

@@ -30,6 +30,10 @@ class RunError(RuntimeError):
     """A run cannot start or did not finish; the message says why and what to do."""
 
 
+class InputError(RunError):
+    """A run's input does not fit (teacher, corpus, batch): a restart would fail the same way."""
+
+
 @dataclass
 class DistillResult:
     run_dir: str
@@ -136,7 +140,7 @@ def check_compatible(cfg: Config, manifest) -> None:
     try:
         spec = teacher_spec(cfg.model.teacher, cfg.model.stage)
     except ModelPathError as e:
-        raise RunError(str(e)) from None
+        raise InputError(str(e)) from None
     check_teacher_weights(cfg.model.teacher, cfg.model.stage)
     stage = get_stage(cfg.model.stage)
     try:
@@ -150,8 +154,8 @@ def check_compatible(cfg: Config, manifest) -> None:
         else:
             problems = stage.fit_problems(spec["args"], manifest, cfg.model)
     if problems:
-        raise RunError(f"model.teacher {cfg.model.teacher!r} (model.stage {stage.name!r}) does not fit the corpus "
-                       f"data.uri {cfg.data.uri!r}: " + "; ".join(problems))
+        raise InputError(f"model.teacher {cfg.model.teacher!r} (model.stage {stage.name!r}) does not fit the corpus "
+                         f"data.uri {cfg.data.uri!r}: " + "; ".join(problems))
 
 
 def check_batch_fits(cfg: Config, corpus_rows: int) -> None:
@@ -159,9 +163,9 @@ def check_batch_fits(cfg: Config, corpus_rows: int) -> None:
     gives each rows // num_workers); otherwise each worker would stop with ShardTooSmallError."""
     per_worker = corpus_rows // cfg.scale.num_workers
     if per_worker < cfg.train.batch_size:
-        raise RunError(f"data.uri {cfg.data.uri!r} holds {corpus_rows} assets: {per_worker} per worker for "
-                       f"scale.num_workers={cfg.scale.num_workers}, fewer than train.batch_size="
-                       f"{cfg.train.batch_size}; lower one of those or use a larger corpus")
+        raise InputError(f"data.uri {cfg.data.uri!r} holds {corpus_rows} assets: {per_worker} per worker for "
+                         f"scale.num_workers={cfg.scale.num_workers}, fewer than train.batch_size="
+                         f"{cfg.train.batch_size}; lower one of those or use a larger corpus")
 
 
 def check_teacher_weights(teacher: str, stage: str = "ss") -> None:

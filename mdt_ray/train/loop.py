@@ -105,24 +105,35 @@ def deterministic_errors() -> tuple[type[BaseException], ...]:
     from mdt_ray.data.schema import CorpusError
     from mdt_ray.models.checkpoint import CheckpointMismatchError
     from mdt_ray.models.teachers import ModelPathError
+    from mdt_ray.train.launch import InputError
 
     return (ConfigError, CorpusError, CheckpointMismatchError, ModelPathError, CheckpointDamagedError,
-            ShardTooSmallError)
+            ShardTooSmallError, InputError)
 
 
-def deterministic_cause(error: Optional[BaseException]) -> Optional[BaseException]:
-    """The deterministic error in `error`'s chain (its causes, and the cause a RayTaskError from
-    a Ray Data task carries), the innermost one; None when there is none."""
-    kinds, found, seen, todo = deterministic_errors(), None, set(), [error]
+def _chain(error: Optional[BaseException]):
+    """`error` and every error it carries: its causes, a RayTaskError's `cause` (a Ray Data
+    task's own exception) and a Ray Train ControllerError's `controller_failure`, outermost first."""
+    seen, todo = set(), [error]
     while todo:
-        e = todo.pop()
+        e = todo.pop(0)
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, kinds):
-            found = e
-        todo += [e.__cause__, getattr(e, "cause", None)]
-    return found
+        yield e
+        todo += [e.__cause__, getattr(e, "cause", None), getattr(e, "controller_failure", None)]
+
+
+def deterministic_cause(error: Optional[BaseException]) -> Optional[BaseException]:
+    """The deterministic error in `error`'s chain, the innermost one; None when there is none."""
+    found = [e for e in _chain(error) if isinstance(e, deterministic_errors())]
+    return found[-1] if found else None
+
+
+def is_deterministic(error: Optional[BaseException]) -> bool:
+    """Whether a restart would repeat `error`: a deterministic error in its chain, raised on the
+    driver or (as a DeterministicFailure on Ray Train's controller) in a worker."""
+    return deterministic_cause(error) is not None or any(isinstance(e, DeterministicFailure) for e in _chain(error))
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
