@@ -101,6 +101,12 @@ class DistillConfig(_Block):
     _cfg_vm = field_validator("cfg_vm")(classmethod(lambda cls, v: _check_cfg(v)))
     _cfg_vd = field_validator("cfg_vd")(classmethod(lambda cls, v: _check_cfg(v)))
 
+    @model_validator(mode="after")
+    def _reg_only_where_used(self) -> "DistillConfig":
+        if self.lambda_reg > 0 and self.method not in ("mdt", "vm"):
+            raise ValueError(f"lambda_reg applies to method mdt or vm only (method is {self.method!r})")
+        return self
+
 
 class TrainConfig(_Block):
     steps: int = Field(200, gt=0)

@@ -279,3 +279,8 @@ def test_mdt_with_regression_adds_the_traj_term_on_its_own_draws():
     torch.testing.assert_close(out["loss_reg"], reg["loss_traj"])
     assert set(out["loss_terms"]) == {"vm", "vd", "reg"}
     torch.testing.assert_close(sum(out["loss_terms"].values()), out["loss"])
+
+
+def test_lambda_reg_with_a_method_that_ignores_it_is_refused():
+    with pytest.raises(ValueError, match="lambda_reg applies to method mdt or vm only"):
+        DistillConfig(method="pcm", lambda_reg=0.1)

@@ -214,4 +214,3 @@ def test_a_run_checks_a_pipeline_teacher_before_it_starts(hub, tmp_path):
     cfg = load_config(demo, [f"data.uri={corpus}", "model.teacher=microsoft/TRELLIS-nope"])
     with pytest.raises(RunError, match="pipeline.json of Hugging Face repository 'microsoft/TRELLIS-nope'"):
         check_compatible(cfg, read_manifest(corpus))
-
